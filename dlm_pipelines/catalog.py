@@ -1,0 +1,318 @@
+"""The catalog: one row per imaging event and the facts of its export (SQLModel).
+
+The event, not the Dagster partition, is the unit of work and of truth. Every
+state change here is a single conditional UPDATE, so two runs (or a run and a
+purge) racing on one event can never both win.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from functools import cache
+from typing import Any
+
+import sqlalchemy as sa
+from dagster import ConfigurableResource
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+from sqlmodel import Column, Field, Session, SQLModel, col, select
+
+from dlm_pipelines.events import ImagingEvent
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Timezone-aware datetimes on every backend; SQLite keeps no offset, so store UTC."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r} cannot be stored")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class EventStatus(enum.StrEnum):
+    RECEIVED = "received"  # in the catalog, never tried
+    EXPORTING = "exporting"  # claimed by a run (run_id)
+    VERIFIED = "verified"  # in S3, size and sha256 checked by a HEAD
+    FAILED = "failed"  # last attempt failed, see last_error
+
+
+def _dt(**kwargs: Any) -> Any:
+    return Field(default=None, sa_column=Column(UTCDateTime(), **kwargs))
+
+
+class EventRecord(SQLModel, table=True):
+    __tablename__ = "imaging_event"
+    __table_args__ = (sa.UniqueConstraint("bucket", "object_key", name="uq_imaging_event_object"),)
+
+    ref_id: str = Field(primary_key=True, max_length=36)
+    stream_id: str = Field(max_length=64)
+    system: str = Field(index=True, max_length=64)
+    experiment_id: str = Field(index=True, max_length=128)
+    event_type: str = Field(max_length=16)
+    timestamp: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False, index=True))
+    partition_key: str = Field(index=True, max_length=96)
+    local_path: str
+    img_count: int
+    event_metadata: dict[str, Any] = Field(sa_column=Column("metadata", sa.JSON, nullable=False))
+    received_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    status: str = Field(default=EventStatus.RECEIVED, index=True, max_length=16)
+
+    # the export
+    bucket: str | None = Field(default=None, max_length=63)
+    object_key: str | None = Field(default=None, max_length=1024)
+    key_collision: bool = False  # object_key is the collision-free variant
+    size: int | None = Field(default=None, sa_column=Column(sa.BigInteger))
+    sha256: str | None = Field(default=None, max_length=64)
+    uploaded_at: datetime | None = _dt()
+    verified_at: datetime | None = _dt(index=True)
+    announced_at: datetime | None = _dt()
+    run_id: str | None = Field(default=None, max_length=64)
+    claimed_at: datetime | None = _dt()
+    attempts: int = 0
+    last_error: str | None = None
+
+    @property
+    def s3_url(self) -> str | None:
+        return f"{self.bucket}/{self.object_key}" if self.object_key else None
+
+
+def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+@cache
+def get_engine(database_url: str) -> Engine:
+    """One engine (and connection pool) per database URL and process."""
+    if database_url.startswith("sqlite"):
+        engine = sa.create_engine(
+            database_url, connect_args={"check_same_thread": False, "timeout": 30}
+        )
+        sa.event.listen(engine, "connect", _configure_sqlite)
+        return engine
+    return sa.create_engine(database_url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def migrate(database_url: str) -> None:
+    """Bring the catalog schema to the newest alembic revision."""
+    from alembic import command
+    from alembic.config import Config
+
+    if database_url.startswith("sqlite:///"):
+        from pathlib import Path
+
+        Path(database_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    config = Config()
+    config.set_main_option("script_location", "dlm_pipelines:migrations")
+    config.attributes["engine"] = get_engine(database_url)
+    command.upgrade(config, "head")
+
+
+class Catalog(ConfigurableResource):
+    """Queries and state transitions of the event lifecycle (a Dagster resource, also
+    used directly by the API)."""
+
+    database_url: str
+
+    @property
+    def engine(self) -> Engine:
+        return get_engine(self.database_url)
+
+    def migrate(self) -> None:
+        migrate(self.database_url)
+
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    # --- intake ------------------------------------------------------------------------
+
+    def record_events(
+        self, items: Iterable[tuple[ImagingEvent, str, str]], received_at: datetime | None = None
+    ) -> set[str]:
+        """Insert (event, stream id, partition key) rows; returns the ref_ids that were new.
+
+        Idempotent on ref_id: a repeated event keeps its first row.
+        """
+        now = received_at or utcnow()
+        rows = [
+            {
+                "ref_id": event.ref_id,
+                "stream_id": stream_id,
+                "system": event.system,
+                "experiment_id": event.experiment_id,
+                "event_type": event.type.value,
+                "timestamp": event.timestamp,
+                "partition_key": partition_key,
+                "local_path": event.local_path,
+                "img_count": event.img_count,
+                "metadata": event.metadata.model_dump(mode="json"),
+                "received_at": now,
+                "status": EventStatus.RECEIVED.value,
+                "key_collision": False,
+                "attempts": 0,
+            }
+            for event, stream_id, partition_key in items
+        ]
+        if not rows:
+            return set()
+        table = EventRecord.__table__  # type: ignore[attr-defined]
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        with self.engine.begin() as conn:
+            existing = set(
+                conn.scalars(
+                    sa.select(table.c.ref_id).where(table.c.ref_id.in_([r["ref_id"] for r in rows]))
+                )
+            )
+            statement = dialect.insert(table).on_conflict_do_nothing(index_elements=["ref_id"])
+            conn.execute(statement, rows)
+        return {str(r["ref_id"]) for r in rows} - existing
+
+    # --- reads -------------------------------------------------------------------------
+
+    def get(self, ref_id: str) -> EventRecord | None:
+        with self.session() as session:
+            return session.get(EventRecord, ref_id)
+
+    def get_many(self, ref_ids: Sequence[str]) -> list[EventRecord]:
+        with self.session() as session:
+            return list(
+                session.exec(select(EventRecord).where(col(EventRecord.ref_id).in_(ref_ids)))
+            )
+
+    def in_partition(self, partition_key: str, statuses: Iterable[str]) -> list[EventRecord]:
+        with self.session() as session:
+            query = (
+                select(EventRecord)
+                .where(EventRecord.partition_key == partition_key)
+                .where(col(EventRecord.status).in_(list(statuses)))
+                .order_by(col(EventRecord.timestamp), col(EventRecord.ref_id))
+            )
+            return list(session.exec(query))
+
+    def stale_partitions(self, received_before: datetime) -> list[str]:
+        """Partitions holding never-tried events received before the given time."""
+        with self.session() as session:
+            query = (
+                select(EventRecord.partition_key)
+                .where(EventRecord.status == EventStatus.RECEIVED)
+                .where(col(EventRecord.received_at) < received_before)
+                .distinct()
+            )
+            return list(session.exec(query))
+
+    def key_owner(self, bucket: str, key: str) -> str | None:
+        with self.session() as session:
+            query = select(EventRecord.ref_id).where(
+                EventRecord.bucket == bucket, EventRecord.object_key == key
+            )
+            return session.exec(query).first()
+
+    # --- the export state machine --------------------------------------------------------
+
+    def _update(self, ref_id: str, where: Any, **values: Any) -> bool:
+        table = EventRecord.__table__  # type: ignore[attr-defined]
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                sa.update(table).where(table.c.ref_id == ref_id).where(where).values(**values)
+            )
+        return result.rowcount == 1
+
+    def claim(
+        self, ref_id: str, run_id: str, *, force: bool, run_is_alive: Callable[[str], bool]
+    ) -> bool:
+        """Take the event for `run_id`; False if another live run has it (or it is done).
+
+        A claim held by a run that is no longer alive (killed daemon, crashed worker)
+        is stale and may be taken over.
+        """
+        table = EventRecord.__table__  # type: ignore[attr-defined]
+        claimable = [EventStatus.RECEIVED.value, EventStatus.FAILED.value]
+        if force:
+            claimable.append(EventStatus.VERIFIED.value)
+        take = {
+            "status": EventStatus.EXPORTING.value,
+            "run_id": run_id,
+            "claimed_at": utcnow(),
+            "attempts": table.c.attempts + 1,
+        }
+        if self._update(ref_id, table.c.status.in_(claimable), **take):
+            return True
+        record = self.get(ref_id)
+        if record is None or record.status != EventStatus.EXPORTING:
+            return False
+        holder = record.run_id
+        if holder == run_id or (holder is not None and not run_is_alive(holder)):
+            # Compare-and-set on the old holder, so only one taker wins.
+            return self._update(
+                ref_id,
+                sa.and_(table.c.status == EventStatus.EXPORTING.value, table.c.run_id == holder),
+                **take,
+            )
+        return False
+
+    def assign_key(self, ref_id: str, bucket: str, key: str, *, collision: bool) -> bool:
+        """Record the object key; False if another event already owns it."""
+        try:
+            return self._update(
+                ref_id, sa.true(), bucket=bucket, object_key=key, key_collision=collision
+            )
+        except sa.exc.IntegrityError:
+            return False
+
+    def mark_verified(self, ref_id: str, run_id: str, *, size: int, sha256: str) -> datetime | None:
+        """Record a verified upload; returns its time, or None if `run_id` lost the claim."""
+        table = EventRecord.__table__  # type: ignore[attr-defined]
+        now = utcnow()
+        done = self._update(
+            ref_id,
+            sa.and_(table.c.run_id == run_id, table.c.status == EventStatus.EXPORTING.value),
+            status=EventStatus.VERIFIED.value,
+            size=size,
+            sha256=sha256,
+            uploaded_at=now,
+            verified_at=now,
+            announced_at=None,
+            last_error=None,
+        )
+        return now if done else None
+
+    def mark_announced(self, ref_id: str) -> None:
+        self._update(ref_id, sa.true(), announced_at=utcnow())
+
+    def mark_failed(self, ref_id: str, run_id: str, error: str) -> None:
+        table = EventRecord.__table__  # type: ignore[attr-defined]
+        self._update(
+            ref_id,
+            sa.and_(table.c.run_id == run_id, table.c.status == EventStatus.EXPORTING.value),
+            status=EventStatus.FAILED.value,
+            last_error=error[:4000],
+        )
+
+    def release(self, ref_id: str, run_id: str, previous_status: str) -> None:
+        """Give back a claim without an attempt (e.g. a forced re-export that was refused)."""
+        table = EventRecord.__table__  # type: ignore[attr-defined]
+        self._update(
+            ref_id,
+            sa.and_(table.c.run_id == run_id, table.c.status == EventStatus.EXPORTING.value),
+            status=previous_status,
+        )

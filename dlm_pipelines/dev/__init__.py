@@ -1,0 +1,1 @@
+"""Development helpers: local servers for `make dev`, the tests and the benchmarks."""

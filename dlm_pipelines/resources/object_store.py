@@ -1,0 +1,147 @@
+"""The S3-compatible object store (SeaweedFS in development, any S3 API in production).
+
+Credentials come from boto3's standard chain (`AWS_ACCESS_KEY_ID`, ...), so they
+never appear in Dagster's resource config.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+from dagster import ConfigurableResource
+
+from dlm_pipelines.tar_stream import UploadResult, upload_tar
+
+SHA256_META = "sha256"
+REF_ID_META = "ref-id"
+COPY_LIMIT = 5 * 1024**3  # CopyObject's limit; larger objects need a multipart copy
+
+
+class VerificationError(RuntimeError):
+    """The stored object does not match what was uploaded or what the catalog says."""
+
+
+@cache
+def _client(endpoint_url: str | None, region: str, max_pool_connections: int) -> Any:
+    config = Config(
+        region_name=region,
+        s3={"addressing_style": "path"},
+        retries={"mode": "standard", "max_attempts": 5},
+        connect_timeout=10,
+        read_timeout=120,
+        max_pool_connections=max_pool_connections,
+    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+
+
+class ObjectStore(ConfigurableResource):
+    bucket: str
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    part_size_mib: int = 16
+    part_concurrency: int = 4
+
+    @property
+    def client(self) -> Any:
+        return _client(self.endpoint_url, self.region, 64)
+
+    def full_key(self, key: str) -> str:
+        """The bucket-prefixed key the contracts use (`<bucket>/<key>`)."""
+        return f"{self.bucket}/{key}"
+
+    def head(self, key: str) -> dict[str, Any] | None:
+        """HEAD the object; None if there is none."""
+        try:
+            return dict(self.client.head_object(Bucket=self.bucket, Key=key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    def abort_incomplete_uploads(self, key: str) -> int:
+        """Abort multipart uploads left for `key` by a killed exporter."""
+        response = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=key)
+        aborted = 0
+        for upload in response.get("Uploads", []):
+            if upload["Key"] == key:
+                self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload["UploadId"]
+                )
+                aborted += 1
+        return aborted
+
+    def upload_tar(
+        self, *, source: Path, metadata: dict[str, Any], key: str, ref_id: str
+    ) -> UploadResult:
+        """Stream the tar of `source` to `key`, then record its sha256 on the object."""
+        result = upload_tar(
+            self.client,
+            source=source,
+            metadata=metadata,
+            bucket=self.bucket,
+            key=key,
+            object_metadata={REF_ID_META: ref_id},
+            part_size=self.part_size_mib << 20,
+            part_concurrency=self.part_concurrency,
+        )
+        # The sha256 is known only once the last byte is sent: add it to the object's
+        # metadata with an in-place copy (metadata only on SeaweedFS and AWS).
+        new_metadata = {REF_ID_META: ref_id, SHA256_META: result.sha256}
+        if result.size <= COPY_LIMIT:
+            self.client.copy_object(
+                Bucket=self.bucket,
+                Key=key,
+                CopySource={"Bucket": self.bucket, "Key": key},
+                Metadata=new_metadata,
+                MetadataDirective="REPLACE",
+                ContentType="application/x-tar",
+            )
+        else:
+            self.client.copy(
+                {"Bucket": self.bucket, "Key": key},
+                self.bucket,
+                key,
+                ExtraArgs={"Metadata": new_metadata, "MetadataDirective": "REPLACE"},
+            )
+        return result
+
+    def verify(self, key: str, *, size: int, sha256: str, ref_id: str | None = None) -> None:
+        """A fresh HEAD must show exactly this size and sha256 (and ref_id, if given)."""
+        head = self.head(key)
+        where = f"s3://{self.bucket}/{key}"
+        if head is None:
+            raise VerificationError(f"{where} does not exist")
+        meta = {k.lower(): v for k, v in head.get("Metadata", {}).items()}
+        problems: list[str] = []
+        if head["ContentLength"] != size:
+            problems.append(f"size {head['ContentLength']} != expected {size}")
+        if meta.get(SHA256_META) != sha256:
+            problems.append(f"sha256 {meta.get(SHA256_META)!r} != expected {sha256!r}")
+        if ref_id is not None and self.ref_id_of(head) != ref_id:
+            problems.append(f"ref-id {self.ref_id_of(head)!r} != expected {ref_id!r}")
+        if problems:
+            raise VerificationError(f"{where}: " + "; ".join(problems))
+
+    @staticmethod
+    def ref_id_of(head: dict[str, Any]) -> str | None:
+        """The ref-id recorded in an object's metadata (None for foreign objects)."""
+        return {k.lower(): v for k, v in head.get("Metadata", {}).items()}.get(REF_ID_META)
+
+    def presigned_url(self, key: str, expires_in: int) -> str:
+        return str(
+            self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_in
+            )
+        )
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it is missing (development stacks)."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self.client.create_bucket(Bucket=self.bucket)

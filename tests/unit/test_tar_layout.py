@@ -1,0 +1,67 @@
+"""The tar layout of CONTRACTS §3."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+from dlm_pipelines.tar_stream import estimate_tar_size, part_size_for, write_tar
+
+
+def _members(data: bytes) -> list[tarfile.TarInfo]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        return tar.getmembers()
+
+
+def test_folder_source_members_then_metadata_last(tmp_path: Path) -> None:
+    source = tmp_path / "acq"
+    (source / "sub").mkdir(parents=True)
+    (source / "b.tif").write_bytes(b"B" * 1000)
+    (source / "sub" / "a.tif").write_bytes(b"A" * 10)
+    out = io.BytesIO()
+    write_tar(source, {"ref_id": "x", "schema_version": "1a1"}, out)
+    members = _members(out.getvalue())
+    assert [m.name for m in members] == [".", "./b.tif", "./sub", "./sub/a.tif", "./metadata.json"]
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+        doc = tar.extractfile("./metadata.json").read().decode()  # type: ignore[union-attr]
+        assert tar.extractfile("./sub/a.tif").read() == b"A" * 10  # type: ignore[union-attr]
+    assert json.loads(doc) == {"ref_id": "x", "schema_version": "1a1"}
+    assert doc.startswith('{\n    "ref_id"')  # 4-space indent
+    assert len(out.getvalue()) % 10240 == 0  # whole tar records, uncompressed
+
+
+def test_single_file_source(tmp_path: Path) -> None:
+    source = tmp_path / "frame.tif"
+    source.write_bytes(b"F" * 3)
+    out = io.BytesIO()
+    write_tar(source, {}, out)
+    assert [m.name for m in _members(out.getvalue())] == ["frame.tif", "./metadata.json"]
+
+
+def test_symlinks_are_stored_not_followed(tmp_path: Path) -> None:
+    outside = tmp_path / "secret.txt"
+    outside.write_text("secret")
+    source = tmp_path / "acq"
+    source.mkdir()
+    (source / "link").symlink_to(outside)
+    out = io.BytesIO()
+    write_tar(source, {}, out)
+    link = next(m for m in _members(out.getvalue()) if m.name == "./link")
+    assert link.issym() and b"secret\n" not in out.getvalue().split(b"metadata.json")[0][-10:]
+
+
+def test_part_size_grows_to_stay_under_the_part_limit() -> None:
+    mib = 1 << 20
+    assert part_size_for(100 * mib, 16 * mib) == 16 * mib
+    big = 500 * 1024 * mib  # 500 GiB
+    assert part_size_for(big, 16 * mib) * 9000 >= big
+
+
+def test_estimate_is_close(tmp_path: Path) -> None:
+    for i in range(20):
+        (tmp_path / f"f{i}").write_bytes(b"x" * 5000)
+    out = io.BytesIO()
+    write_tar(tmp_path, {}, out)
+    assert abs(estimate_tar_size(tmp_path) - len(out.getvalue())) < 20_000
