@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
+from datetime import date as date_type
 from functools import cache
 from typing import Any
 
@@ -51,6 +52,9 @@ class EventStatus(enum.StrEnum):
     EXPORTING = "exporting"  # claimed by a run (run_id)
     VERIFIED = "verified"  # in S3, size and sha256 checked by a HEAD
     FAILED = "failed"  # last attempt failed, see last_error
+    # The store no longer matches the catalog (object missing, other size or sha256):
+    # never purged; a re-export of the partition repairs it. Reason in last_error.
+    NEEDS_ATTENTION = "needs_attention"
 
 
 def _dt(**kwargs: Any) -> Any:
@@ -88,9 +92,52 @@ class EventRecord(SQLModel, table=True):
     attempts: int = 0
     last_error: str | None = None
 
+    # the local copy
+    purged_at: datetime | None = _dt(index=True)
+    bytes_freed: int | None = Field(default=None, sa_column=Column(sa.BigInteger))
+
+    # the tape archive (denormalised from archive_member for the lifecycle view)
+    archive_path: str | None = Field(default=None, max_length=1024)
+    archived_at: datetime | None = _dt()
+
     @property
     def s3_url(self) -> str | None:
         return f"{self.bucket}/{self.object_key}" if self.object_key else None
+
+
+class ArchiveJob(SQLModel, table=True):
+    """One run of the tape archiver, also when it archived nothing (CONTRACTS §4)."""
+
+    __tablename__ = "archive_job"
+
+    job_id: str = Field(primary_key=True, max_length=64)
+    date: date_type = Field(index=True)
+    archive_count: int
+    received_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    message: dict[str, Any] = Field(sa_column=Column(sa.JSON, nullable=False))
+
+
+class Archive(SQLModel, table=True):
+    """One daily archive file; `id` is derived from `path`, so redelivery is a no-op."""
+
+    __tablename__ = "archive"
+
+    id: str = Field(primary_key=True, max_length=36)
+    path: str = Field(unique=True, max_length=1024)
+    event_type: str = Field(max_length=16)  # stitch | video | overview, from the path
+    experiment_id: str = Field(index=True, max_length=128)
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False, index=True))
+    job_id: str = Field(foreign_key="archive_job.job_id", max_length=64)
+
+
+class ArchiveMember(SQLModel, table=True):
+    """One exported tar inside an archive file; ref_id is None when no export matched."""
+
+    __tablename__ = "archive_member"
+
+    archive_id: str = Field(foreign_key="archive.id", primary_key=True, max_length=36)
+    member_key: str = Field(primary_key=True, max_length=1024)  # bucket-prefixed
+    ref_id: str | None = Field(default=None, index=True, max_length=36)
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
@@ -125,7 +172,7 @@ def migrate(database_url: str) -> None:
     config = Config()
     config.set_main_option("script_location", "dlm_pipelines:migrations")
     config.attributes["engine"] = get_engine(database_url)
-    command.upgrade(config, "head")
+    command.upgrade(config, "heads")
 
 
 class Catalog(ConfigurableResource):
@@ -246,7 +293,11 @@ class Catalog(ConfigurableResource):
         is stale and may be taken over.
         """
         table = EventRecord.__table__  # type: ignore[attr-defined]
-        claimable = [EventStatus.RECEIVED.value, EventStatus.FAILED.value]
+        claimable = [
+            EventStatus.RECEIVED.value,
+            EventStatus.FAILED.value,
+            EventStatus.NEEDS_ATTENTION.value,
+        ]
         if force:
             claimable.append(EventStatus.VERIFIED.value)
         take = {
