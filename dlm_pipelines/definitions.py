@@ -34,7 +34,7 @@ def build_resources(settings: Settings) -> dict[str, object]:
 
 def build_definitions(settings: Settings) -> Definitions:
     partitions_def = export_partitions(settings)
-    raw_export = build_raw_export(partitions_def, settings.export_concurrency)
+    raw_export = build_raw_export(partitions_def, settings)
     return Definitions(
         assets=[raw_export],
         sensors=[build_imaging_event_sensor(settings, raw_export, partitions_def)],

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     export_concurrency: int = Field(default=4, ge=1, le=64)
     export_part_size_mib: int = Field(default=16, ge=5, le=5 * 1024)
     export_part_concurrency: int = Field(default=4, ge=1, le=64)
+    # Step retries of an export run (exponential backoff with jitter from this delay).
+    export_max_retries: int = Field(default=5, ge=0, le=20)
+    export_retry_delay_seconds: float = Field(default=2.0, ge=0, le=600)
 
     @field_validator("systems", mode="before")
     @classmethod

@@ -27,6 +27,7 @@ from pydantic import Field
 from dlm_pipelines.catalog import Catalog, EventRecord, EventStatus
 from dlm_pipelines.exporter import Exporter, ExportOutcome
 from dlm_pipelines.resources import DataRoot, ObjectStore, RedisStreams
+from dlm_pipelines.settings import Settings
 
 # A run that is in one of these states may still be working on what it claimed.
 LIVE_RUN_STATUSES = {
@@ -116,8 +117,10 @@ def _summary(outcomes: list[ExportOutcome], seconds: float) -> dict[str, Any]:
 
 
 def build_raw_export(
-    partitions_def: MultiPartitionsDefinition, concurrency: int
+    partitions_def: MultiPartitionsDefinition, settings: Settings
 ) -> AssetsDefinition:
+    concurrency = settings.export_concurrency
+
     @asset(
         name="raw_export",
         partitions_def=partitions_def,
@@ -127,7 +130,10 @@ def build_raw_export(
         "and system. Each event is tarred with metadata.json, streamed to S3, checked "
         "by size and sha256, and announced on the export stream.",
         retry_policy=RetryPolicy(
-            max_retries=3, delay=2, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS
+            max_retries=settings.export_max_retries,
+            delay=settings.export_retry_delay_seconds,
+            backoff=Backoff.EXPONENTIAL,
+            jitter=Jitter.PLUS_MINUS,
         ),
         op_tags={"dlm/kind": "export"},
     )

@@ -68,3 +68,58 @@ def tree(folder: Path) -> dict[str, bytes]:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def make_settings(catalog, object_store, streams, data_root, **overrides):
+    """Settings pointing at the test's own services (what build_definitions needs)."""
+    from dlm_pipelines.settings import Settings
+
+    values = {
+        "database_url": catalog.database_url,
+        "s3_endpoint_url": object_store.endpoint_url,
+        "s3_bucket": object_store.bucket,
+        "redis_url": streams.url,
+        "imaging_event_stream": streams.imaging_event_stream,
+        "export_stream": streams.export_stream,
+        "dead_letter_stream": streams.dead_letter_stream,
+        "data_root": Path(data_root.path),
+        "partition_start_date": "2026-01-01",
+        "export_part_size_mib": 5,
+        "export_retry_delay_seconds": 0.2,
+        **overrides,
+    }
+    return Settings(**values)
+
+
+def run_sensor(defs, instance, name: str = "imaging_event_sensor", cursor: str | None = None):
+    """One tick of a sensor against a real instance; returns its SensorResult."""
+    from dagster import SensorResult, build_sensor_context
+
+    sensor = defs.resolve_sensor_def(name)
+    with build_sensor_context(
+        instance=instance, cursor=cursor, resources=defs.resources, definitions=defs
+    ) as context:
+        result = sensor(context)
+    assert isinstance(result, SensorResult), result
+    return result
+
+
+def materialize_partition(defs, instance, partition_key: str, run_config=None, tags=None):
+    """Run raw_export (with its resources bound) for one partition, in process."""
+    from dagster import materialize
+
+    return materialize(
+        [defs.resolve_assets_def("raw_export")],
+        partition_key=partition_key,
+        run_config=run_config or {},
+        instance=instance,
+        tags=tags,
+        raise_on_error=False,
+    )
+
+
+def materialize_requests(defs, instance, result) -> list:
+    return [
+        materialize_partition(defs, instance, r.partition_key, r.run_config, r.tags)
+        for r in result.run_requests or []
+    ]
