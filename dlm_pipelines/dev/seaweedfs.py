@@ -100,8 +100,10 @@ class SeaweedFS:
             "-filer",
             "-s3",
             f"-s3.config={config}",
-            "-master.volumeSizeLimitMB=1024",
-            "-volume.max=0",
+            # Every bucket is a collection with volumes of its own: small volumes and a
+            # generous slot count, or the fourth bucket fails with InternalError.
+            "-master.volumeSizeLimitMB=256",
+            "-volume.max=1000",
             *(f"-{name}={port}" for name, port in self.ports.items()),
         ]
         log = open(self.data_dir / "weed.log", "ab")  # noqa: SIM115 (owned by the child)
