@@ -2,16 +2,24 @@
 PYTHON ?= python3
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 
-.PHONY: help install test unit integration lint format bench clean
+.PHONY: help install dev test unit integration lint format bench clean
 
 help:
+	@echo "make dev    run DLM on this machine: Dagster UI, API, S3, Redis, mock events (Ctrl-C stops)"
 	@echo "make test   run linters and the whole test suite (needs Redis, PostgreSQL, RabbitMQ)"
 	@echo "make bench  run the benchmarks (see bench/README.md)"
 
 # uv is the only tool we install outside the project's environment.
+# Bytecode compiled at install: each Dagster run starts a fresh interpreter, which would
+# otherwise compile Dagster from source (on every run where PYTHONDONTWRITEBYTECODE is set).
 install:
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
-	$(UV) sync --frozen
+	$(UV) sync --frozen --compile-bytecode
+
+# Everything on loopback, state under .dlm/ (kept between runs). Options, e.g.:
+#   make dev DEV_ARGS="--ui-port 3001 --api-port 8001 --malformed 0.1"
+dev: install
+	$(UV) run --frozen dlm dev $(DEV_ARGS)
 
 lint: install
 	$(UV) run ruff check .

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 HOST = "127.0.0.1"
@@ -41,21 +43,30 @@ def weed_binary() -> str:
     return found
 
 
+# Below Linux's ephemeral range (32768-60999), so that no outgoing connection's source
+# port takes one of ours between the check and SeaweedFS binding it.
+PORT_RANGE = (20000, 32700)
+
+
 def free_port_block(count: int) -> int:
     """A base port such that base .. base+count-1 are all free on loopback."""
     for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind((HOST, 0))
-            base = probe.getsockname()[1]
-        if base + count >= 65535:
-            continue
+        base = random.randrange(PORT_RANGE[0], PORT_RANGE[1] - count)
         if all(_port_free(base + i) for i in range(count)):
             return base
     raise RuntimeError("no free block of ports on loopback")
 
 
-def _port_free(port: int) -> bool:
+def port_block_free(base: int, count: int = len(PORT_NAMES)) -> bool:
+    """Whether base .. base+count-1 are all free on loopback (to reuse a saved block)."""
+    return base + count < 65535 and all(_port_free(base + i, reuse=True) for i in range(count))
+
+
+def _port_free(port: int, reuse: bool = False) -> bool:
+    """`reuse`: as servers bind (SO_REUSEADDR), so TIME_WAIT left by our last run is free."""
     with socket.socket() as probe:
+        if reuse:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((HOST, port))
         except OSError:
@@ -65,8 +76,14 @@ def _port_free(port: int) -> bool:
 
 class SeaweedFS:
     def __init__(
-        self, data_dir: Path, access_key: str, secret_key: str, base_port: int | None = None
+        self,
+        data_dir: Path,
+        access_key: str,
+        secret_key: str,
+        base_port: int | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        self.env = env  # None: inherit this process's environment
         self.data_dir = data_dir
         self.access_key = access_key
         self.secret_key = secret_key
@@ -104,11 +121,13 @@ class SeaweedFS:
             # generous slot count, or the fourth bucket fails with InternalError.
             "-master.volumeSizeLimitMB=256",
             "-volume.max=1000",
+            # A lone master otherwise waits ~20 s for a leader election on restart.
+            "-master.electionTimeout=1s",
             *(f"-{name}={port}" for name, port in self.ports.items()),
         ]
         log = open(self.data_dir / "weed.log", "ab")  # noqa: SIM115 (owned by the child)
         self.process = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env
         )
         log.close()
         self.wait_ready(timeout)

@@ -1,0 +1,98 @@
+"""Preparing a deployment: the catalog schema, the Dagster instance, the bucket.
+
+`dlm setup` runs every step, idempotently, before the long-running processes
+start (compose runs it as a one-shot service; `make dev` and the end-to-end test
+call the same functions). The Dagster instance file follows one rule everywhere:
+with `DLM_DAGSTER_POSTGRES_URL` set, runs, events and schedules live in
+PostgreSQL (`dagster.postgres.yaml`), otherwise in SQLite under DAGSTER_HOME
+(`dagster.yaml`). Both files live at the project root; the copy in DAGSTER_HOME
+is rewritten on every setup, so the repository stays the source of truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+SQLITE_CONFIG = "dagster.yaml"
+POSTGRES_CONFIG = "dagster.postgres.yaml"
+
+
+def instance_config(project_dir: Path, postgres_url: str | None) -> Path:
+    """The instance file for this setup: PostgreSQL storage when a URL is given."""
+    chosen = project_dir / (POSTGRES_CONFIG if postgres_url else SQLITE_CONFIG)
+    if not chosen.is_file():
+        raise FileNotFoundError(f"{chosen} not found: run from the project root")
+    return chosen
+
+
+def prepare_dagster_home(home: Path, project_dir: Path, postgres_url: str | None) -> Path:
+    """Create `home` and copy the chosen instance file to `home/dagster.yaml`."""
+    home = home.absolute()
+    home.mkdir(parents=True, exist_ok=True)
+    source = instance_config(project_dir, postgres_url)
+    target = home / "dagster.yaml"
+    if not target.exists() or target.read_bytes() != source.read_bytes():
+        shutil.copyfile(source, target)
+    return source
+
+
+def migrate_dagster_instance(
+    env: Mapping[str, str], cwd: Path, log_path: Path, timeout: float = 300
+) -> None:
+    """`dagster instance migrate`: create or upgrade the instance's storage.
+
+    Run once before the webserver and daemon start: two processes creating a new
+    SQLite instance at the same moment corrupt its schema version table, and a
+    persistent instance needs upgrading after a Dagster upgrade.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    dagster = Path(sys.executable).parent / "dagster"
+    with open(log_path, "wb") as log:
+        result = subprocess.run(
+            [str(dagster), "instance", "migrate"],
+            env=dict(env),
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        )
+    if result.returncode != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+        raise RuntimeError(f"`dagster instance migrate` failed; see {log_path}:\n{tail}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--project-dir", type=Path, default=Path.cwd(), help="where dagster*.yaml are"
+    )
+    parser.add_argument(
+        "--create-bucket", action="store_true", help="create DLM_S3_BUCKET if it is missing"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from dlm_pipelines.catalog import migrate
+    from dlm_pipelines.resources import ObjectStore
+    from dlm_pipelines.settings import get_settings
+
+    settings = get_settings()
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        raise SystemExit("dlm setup: DAGSTER_HOME is not set")
+    migrate(settings.database_url)
+    print("catalog schema is up to date", flush=True)
+    source = prepare_dagster_home(Path(home), args.project_dir, settings.dagster_postgres_url)
+    migrate_dagster_instance(os.environ, args.project_dir, Path(home) / "migrate.log")
+    print(f"Dagster instance {home} ({source.name}) is up to date", flush=True)
+    if args.create_bucket:
+        ObjectStore(
+            bucket=settings.s3_bucket, endpoint_url=settings.s3_endpoint_url
+        ).ensure_bucket()
+        print(f"bucket {settings.s3_bucket} exists", flush=True)
+    return 0
