@@ -55,6 +55,9 @@ class EventStatus(enum.StrEnum):
     # The store no longer matches the catalog (object missing, other size or sha256):
     # never purged; a re-export of the partition repairs it. Reason in last_error.
     NEEDS_ATTENTION = "needs_attention"
+    # Verified, and held by a purge run (run_id) while it checks S3 and deletes the
+    # local copy; no export may claim it meanwhile. Back to verified afterwards.
+    PURGING = "purging"
 
 
 def _dt(**kwargs: Any) -> Any:
@@ -63,7 +66,18 @@ def _dt(**kwargs: Any) -> Any:
 
 class EventRecord(SQLModel, table=True):
     __tablename__ = "imaging_event"
-    __table_args__ = (sa.UniqueConstraint("bucket", "object_key", name="uq_imaging_event_object"),)
+    __table_args__ = (
+        sa.UniqueConstraint("bucket", "object_key", name="uq_imaging_event_object"),
+        # The API's exports listing: verified uploads, newest first (migration 0003_api).
+        sa.Index(
+            "ix_imaging_event_exports",
+            "event_type",
+            sa.desc("uploaded_at"),
+            "ref_id",
+            postgresql_where=sa.text("verified_at IS NOT NULL AND object_key IS NOT NULL"),
+            sqlite_where=sa.text("verified_at IS NOT NULL AND object_key IS NOT NULL"),
+        ),
+    )
 
     ref_id: str = Field(primary_key=True, max_length=36)
     stream_id: str = Field(max_length=64)
@@ -267,12 +281,15 @@ class Catalog(ConfigurableResource):
             )
             return list(session.exec(query))
 
-    def key_owner(self, bucket: str, key: str) -> str | None:
+    def claims(self) -> list[tuple[str, str]]:
+        """(partition, run id) of every claim held now, for the sensor's liveness check."""
         with self.session() as session:
-            query = select(EventRecord.ref_id).where(
-                EventRecord.bucket == bucket, EventRecord.object_key == key
+            query = (
+                select(EventRecord.partition_key, EventRecord.run_id)
+                .where(EventRecord.status == EventStatus.EXPORTING)
+                .distinct()
             )
-            return session.exec(query).first()
+            return [(partition, run_id) for partition, run_id in session.exec(query) if run_id]
 
     # --- the export state machine --------------------------------------------------------
 
@@ -293,20 +310,27 @@ class Catalog(ConfigurableResource):
         is stale and may be taken over.
         """
         table = EventRecord.__table__  # type: ignore[attr-defined]
-        claimable = [
-            EventStatus.RECEIVED.value,
-            EventStatus.FAILED.value,
-            EventStatus.NEEDS_ATTENTION.value,
-        ]
+        claimable = table.c.status.in_(
+            [
+                EventStatus.RECEIVED.value,
+                EventStatus.FAILED.value,
+                EventStatus.NEEDS_ATTENTION.value,
+            ]
+        )
         if force:
-            claimable.append(EventStatus.VERIFIED.value)
+            # Not once purged: no local data is left to re-export (a purge may have
+            # deleted it after the exporter looked).
+            claimable = sa.or_(
+                claimable,
+                sa.and_(table.c.status == EventStatus.VERIFIED.value, table.c.purged_at.is_(None)),
+            )
         take = {
             "status": EventStatus.EXPORTING.value,
             "run_id": run_id,
             "claimed_at": utcnow(),
             "attempts": table.c.attempts + 1,
         }
-        if self._update(ref_id, table.c.status.in_(claimable), **take):
+        if self._update(ref_id, claimable, **take):
             return True
         record = self.get(ref_id)
         if record is None or record.status != EventStatus.EXPORTING:
@@ -367,3 +391,110 @@ class Catalog(ConfigurableResource):
             sa.and_(table.c.run_id == run_id, table.c.status == EventStatus.EXPORTING.value),
             status=previous_status,
         )
+
+    # --- the purge of local copies -------------------------------------------------------
+
+    def unpurged(self, systems: Iterable[str]) -> list[EventRecord]:
+        """Events of these systems whose local copy is not purged yet, oldest first."""
+        with self.session() as session:
+            query = (
+                select(EventRecord)
+                .where(col(EventRecord.purged_at).is_(None))
+                .where(col(EventRecord.system).in_(list(systems)))
+                .order_by(col(EventRecord.received_at), col(EventRecord.ref_id))
+            )
+            return list(session.exec(query))
+
+    def unpurged_counts(self, excluding: Iterable[str]) -> dict[str, int]:
+        """Events not purged per system, for the systems not in `excluding`."""
+        with self.session() as session:
+            query = (
+                select(EventRecord.system, sa.func.count())
+                .where(col(EventRecord.purged_at).is_(None))
+                .where(col(EventRecord.system).not_in(list(excluding)))
+                .group_by(col(EventRecord.system))
+            )
+            return {system: count for system, count in session.exec(query)}
+
+    def claim_for_purge(self, records: Sequence[EventRecord], run_id: str) -> set[str]:
+        """Hold these events for purging; returns the ref_ids held.
+
+        One compare-and-set on each row as it was read: verified (or `purging` by the
+        same stale holder), not purged, and the same object, size and sha256. So an
+        event that a re-export claimed or re-verified meanwhile is not held.
+        """
+        table = EventRecord.__table__  # type: ignore[attr-defined]
+        export = [table.c.ref_id, table.c.bucket, table.c.object_key, table.c.size, table.c.sha256]
+
+        def as_read(record: EventRecord) -> tuple[Any, ...]:
+            return (record.ref_id, record.bucket, record.object_key, record.size, record.sha256)
+
+        verified = [as_read(r) for r in records if r.status == EventStatus.VERIFIED]
+        stale = [(*as_read(r), r.run_id) for r in records if r.status == EventStatus.PURGING]
+        conditions = []
+        if verified:
+            conditions.append(
+                sa.and_(
+                    table.c.status == EventStatus.VERIFIED.value, sa.tuple_(*export).in_(verified)
+                )
+            )
+        if stale:
+            conditions.append(
+                sa.and_(
+                    table.c.status == EventStatus.PURGING.value,
+                    sa.tuple_(*export, table.c.run_id).in_(stale),
+                )
+            )
+        if not conditions:
+            return set()
+        statement = (
+            sa.update(table)
+            .where(sa.or_(*conditions), table.c.purged_at.is_(None))
+            .values(status=EventStatus.PURGING.value, run_id=run_id)
+            .returning(table.c.ref_id)
+        )
+        with self.engine.begin() as conn:
+            return set(conn.scalars(statement))
+
+    def finish_purges(
+        self,
+        run_id: str,
+        *,
+        purged: Sequence[tuple[EventRecord, int]] = (),
+        released: Sequence[EventRecord] = (),
+        alarms: Sequence[tuple[EventRecord, str]] = (),
+    ) -> None:
+        """End the holds of `run_id`, in one transaction: purged (with the bytes freed),
+        given back untouched, or marked as needing attention (the store did not match)."""
+        table = EventRecord.__table__  # type: ignore[attr-defined]
+        held = sa.and_(
+            table.c.ref_id == sa.bindparam("ref"),
+            table.c.status == EventStatus.PURGING.value,
+            table.c.run_id == run_id,
+        )
+
+        def end(**values: Any) -> Any:
+            # The export's run_id comes back: run_id names the run that made the object.
+            return sa.update(table).where(held).values(run_id=sa.bindparam("maker"), **values)
+
+        now = utcnow()
+        with self.engine.begin() as conn:
+            if purged:
+                conn.execute(
+                    end(
+                        status=EventStatus.VERIFIED.value,
+                        purged_at=now,
+                        bytes_freed=sa.bindparam("freed"),
+                    ),
+                    [{"ref": r.ref_id, "maker": r.run_id, "freed": n} for r, n in purged],
+                )
+            if released:
+                conn.execute(
+                    end(status=EventStatus.VERIFIED.value),
+                    [{"ref": r.ref_id, "maker": r.run_id} for r in released],
+                )
+            if alarms:
+                conn.execute(
+                    end(status=EventStatus.NEEDS_ATTENTION.value, last_error=sa.bindparam("why")),
+                    [{"ref": r.ref_id, "maker": r.run_id, "why": why[:4000]} for r, why in alarms],
+                )

@@ -22,6 +22,25 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="create or upgrade the catalog schema")
     migrate.set_defaults(handler=_migrate)
     # Further subcommands register here: api, mock-prince, dev.
+    from dlm_pipelines import mock_prince
+    from dlm_pipelines.dev import deployment, stack
+
+    producer = sub.add_parser("mock-prince", help="produce imaging events like the microscopes")
+    mock_prince.add_arguments(producer)
+    producer.set_defaults(handler=mock_prince.run)
+    dev = sub.add_parser("dev", help="run the whole stack on this machine (Ctrl-C stops it)")
+    stack.add_arguments(dev)
+    dev.set_defaults(handler=stack.run)
+    setup = sub.add_parser(
+        "setup", help="migrate the catalog and Dagster instance, make the bucket"
+    )
+    deployment.add_arguments(setup)
+    setup.set_defaults(handler=deployment.run)
+    from dlm_api import serve
+
+    api = sub.add_parser("api", help="serve the REST API (find data, download links)")
+    serve.add_arguments(api)
+    api.set_defaults(handler=serve.run)
     return parser
 
 

@@ -19,6 +19,7 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "DLM_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_URL = os.environ.get("DLM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+RABBITMQ_URL = os.environ.get("DLM_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 
 
 def load_fixture(name: str) -> dict:
@@ -73,21 +74,14 @@ def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this session, dropped at the end."""
     import sqlalchemy as sa
 
-    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"dlm_test_{uuid.uuid4().hex[:10]}"
+    from dlm_pipelines.dev.postgres import temporary_database
+
     try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        sa.create_engine(POSTGRES_ADMIN_URL).connect().close()
     except Exception as exc:
         pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL}: {exc}")
-    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    yield url
-    from dlm_pipelines.catalog import get_engine
-
-    get_engine(url).dispose()
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with temporary_database(POSTGRES_ADMIN_URL, "dlm_test") as url:
+        yield url
 
 
 @pytest.fixture
@@ -137,6 +131,18 @@ def data_root(tmp_path: Path):
     root = tmp_path / "data"
     root.mkdir()
     return DataRoot(path=str(root))
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> str:
+    """The RabbitMQ broker; tests use queues of their own and delete them."""
+    import pika
+
+    try:
+        pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL)).close()
+    except Exception as exc:
+        pytest.fail(f"RabbitMQ is not reachable at {RABBITMQ_URL}: {exc!r}")
+    return RABBITMQ_URL
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """The `raw_export` asset: one partition (UTC day × system) of verified tars in S3."""
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 from dagster import (
@@ -120,6 +120,7 @@ def build_raw_export(
     partitions_def: MultiPartitionsDefinition, settings: Settings
 ) -> AssetsDefinition:
     concurrency = settings.export_concurrency
+    heartbeat_seconds = settings.export_heartbeat_seconds
 
     @asset(
         name="raw_export",
@@ -162,7 +163,13 @@ def build_raw_export(
         )
         started = time.monotonic()
         with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="export") as pool:
-            outcomes = list(pool.map(lambda r: exporter.export(r, force=config.force), records))
+            futures = [pool.submit(exporter.export, r, force=config.force) for r in records]
+            # The log doubles as a heartbeat: the sensor fails export runs that stay
+            # silent too long (a run worker that died with its machine or daemon).
+            while wait(futures, timeout=heartbeat_seconds).not_done:
+                done = sum(f.done() for f in futures)
+                context.log.info(f"heartbeat: {done} of {len(futures)} event(s) done")
+            outcomes = [f.result() for f in futures]
         seconds = time.monotonic() - started
 
         for o in outcomes:

@@ -30,6 +30,7 @@ class VerificationError(RuntimeError):
 def _client(endpoint_url: str | None, region: str, max_pool_connections: int) -> Any:
     config = Config(
         region_name=region,
+        signature_version="s3v4",  # presigned URLs too (botocore defaults to SigV2 there)
         s3={"addressing_style": "path"},
         retries={"mode": "standard", "max_attempts": 5},
         connect_timeout=10,

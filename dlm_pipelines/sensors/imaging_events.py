@@ -23,6 +23,7 @@ from dagster import (
     sensor,
 )
 
+from dlm_pipelines.assets.raw_export import run_is_alive
 from dlm_pipelines.catalog import Catalog, EventStatus, utcnow
 from dlm_pipelines.events import ImagingEvent, InvalidEvent, parse_imaging_event
 from dlm_pipelines.partitions import partition_key_for, system_of
@@ -30,11 +31,10 @@ from dlm_pipelines.resources import RedisStreams
 from dlm_pipelines.settings import Settings
 
 INITIAL_CURSOR = "0-0"
-# Never-tried events older than this with no run in sight get a run again (a lost
-# run request, or an event whose partition did not exist yet when it arrived).
-SWEEP_AFTER = timedelta(minutes=5)
 WAITING_RUN_STATUSES = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED]
-ACTIVE_RUN_STATUSES = [*WAITING_RUN_STATUSES, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
+RUNNING_STATUSES = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
+# Every raw_export run carries this tag (multi-partition runs get one per dimension).
+SYSTEM_PARTITION_TAG = "dagster/partition/system"
 
 
 def stream_id_key(stream_id: str) -> tuple[int, int]:
@@ -47,6 +47,8 @@ def build_imaging_event_sensor(
 ) -> SensorDefinition:
     systems = tuple(settings.systems)
     first_date = settings.partition_start_date.isoformat()
+    sweep_after = timedelta(seconds=settings.sensor_sweep_after_seconds)
+    stale_after = timedelta(seconds=settings.export_stale_after_seconds)
 
     @sensor(
         name="imaging_event_sensor",
@@ -110,15 +112,22 @@ def build_imaging_event_sensor(
                 )
             )
 
+        # The sweep: work nobody will do otherwise. Never-tried events whose run request
+        # was lost (or whose day had not begun), and events claimed by a dead run.
+        _fail_silent_runs(context, stale_after)
         requested = {r.partition_key for r in run_requests} | set(batches)
-        for partition_key in catalog.stale_partitions(utcnow() - SWEEP_AFTER):
+        orphaned = catalog.stale_partitions(utcnow() - sweep_after) + [
+            partition_key
+            for partition_key, run_id in catalog.claims()
+            if not run_is_alive(context.instance, run_id)
+        ]
+        for partition_key in dict.fromkeys(orphaned):
             if partition_key in requested or not partitions_def.has_partition_key(partition_key):
                 continue
-            if _has_run(context, partition_key, ACTIVE_RUN_STATUSES):
+            if _has_run(context, partition_key, WAITING_RUN_STATUSES):
                 continue
-            context.log.warning(
-                f"{partition_key}: never-tried events without a run; requesting one"
-            )
+            requested.add(partition_key)
+            context.log.warning(f"{partition_key}: events nobody is exporting; requesting a run")
             run_requests.append(
                 RunRequest(
                     partition_key=partition_key,
@@ -159,6 +168,33 @@ def _has_run(
         filters=RunsFilter(statuses=statuses, tags={"dagster/partition": partition_key}), limit=1
     )
     return bool(runs)
+
+
+def _fail_silent_runs(context: SensorEvaluationContext, stale_after: timedelta) -> None:
+    """Mark export runs failed that logged nothing for `stale_after`.
+
+    The default run launcher cannot tell that a run worker died (with its machine or
+    its daemon); such a run stays STARTED forever, holds its events' claims and, through
+    the per-system concurrency limit, blocks its system. raw_export logs a heartbeat,
+    so silence means death.
+    """
+    now = utcnow().timestamp()
+    for record in context.instance.get_run_records(filters=RunsFilter(statuses=RUNNING_STATUSES)):
+        run = record.dagster_run
+        if SYSTEM_PARTITION_TAG not in run.tags:
+            continue
+        latest = context.instance.get_records_for_run(run.run_id, limit=1, ascending=False)
+        last_seen = (
+            latest.records[0].timestamp if latest.records else record.create_timestamp.timestamp()
+        )
+        silent = now - last_seen
+        if silent > stale_after.total_seconds():
+            message = (
+                f"no heartbeat for {silent:.0f} s (limit {stale_after.total_seconds():.0f} s): "
+                "the run worker is presumed dead; its events will be exported by a new run"
+            )
+            context.log.error(f"run {run.run_id} ({run.tags.get('dagster/partition')}): {message}")
+            context.instance.report_run_failed(run, message)
 
 
 def _trim_alarm(

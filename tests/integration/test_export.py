@@ -411,3 +411,35 @@ def test_never_tried_events_without_a_run_are_swept(
     assert sweep.run_requests[0].tags["dlm/trigger"] == "sweep"
     assert all(o.success for o in materialize_requests(dlm, dagster_instance, sweep))
     assert catalog.get(fields["ref_id"]).status == EventStatus.VERIFIED
+
+
+def test_a_silent_run_is_failed_and_its_events_exported_again(
+    catalog, object_store, streams, data_root, dagster_instance, root
+) -> None:
+    settings = make_settings(
+        catalog, object_store, streams, data_root, export_stale_after_seconds=1
+    )
+    dlm = build_definitions(settings)
+    fields = make_event(root)
+    publish(streams, fields)
+    tick = run_sensor(dlm, dagster_instance)
+    request = tick.run_requests[0]
+    # A run that started, claimed the event, then died with its worker: STARTED forever.
+    zombie = dagster_instance.create_run_for_job(
+        job_def=dlm.resolve_implicit_global_asset_job_def(),
+        run_config=request.run_config,
+        tags={
+            **request.tags,
+            "dagster/partition": request.partition_key,
+            "dagster/partition/system": "prince",
+        },
+        status=DagsterRunStatus.STARTED,
+    )
+    assert catalog.claim(fields["ref_id"], zombie.run_id, force=False, run_is_alive=lambda _: True)
+    time.sleep(1.5)
+    sweep = run_sensor(dlm, dagster_instance, cursor=tick.cursor)
+    assert dagster_instance.get_run_by_id(zombie.run_id).status == DagsterRunStatus.FAILURE
+    assert [r.partition_key for r in sweep.run_requests] == [request.partition_key]
+    assert all(o.success for o in materialize_requests(dlm, dagster_instance, sweep))
+    record = catalog.get(fields["ref_id"])
+    assert record.status == EventStatus.VERIFIED and record.run_id != zombie.run_id
