@@ -1,0 +1,171 @@
+"""Request parameter types and response models.
+
+The legacy models (exports, archives, daily stats) keep every field CONTRACTS §5
+names, with its name and type; fields after them are additions.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from typing import Annotated
+
+from fastapi import Query
+from pydantic import AfterValidator, AwareDatetime, BaseModel, Field
+
+from dlm_pipelines.catalog import EventStatus
+from dlm_pipelines.events import EventType
+
+
+def _to_utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00
+        raise ValueError("datetime is out of range once converted to UTC") from None
+
+
+# A query datetime: must carry an offset (naive → 422), normalised to UTC.
+UTCDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
+# Name filters match catalog values exactly; these are the characters names may hold.
+NameFilter = Annotated[
+    str | None, Query(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+]
+OFFSET_MAX = 1_000_000_000
+
+
+# --- legacy: exports -------------------------------------------------------------------
+
+
+class ExportItem(BaseModel):
+    ref_id: str
+    experiment_id: str
+    timestamp: AwareDatetime  # of the imaging event
+    type: EventType
+    url: str = Field(description="Presigned GET of the tar; expires after DLM_PRESIGN_EXPIRES.")
+    uploaded_at: AwareDatetime
+    key: str = Field(description="Bucket-prefixed object key, as on dlm:new-export.")
+    size: int | None
+    sha256: str | None
+
+
+class ExportPage(BaseModel):
+    count: int = Field(description="Exports in the window (all pages).")
+    data: list[ExportItem]
+    start: AwareDatetime = Field(description="The window applied; pass it back to page.")
+    end: AwareDatetime = Field(description="The window applied; pass it back to page.")
+
+
+# --- legacy: archives ------------------------------------------------------------------
+
+
+class ArchiveSummary(BaseModel):
+    id: str
+    path: str
+    type: EventType
+    experiment_id: str
+    created_at: AwareDatetime
+    url: str = Field(description="Relative to the API's base URL.")
+    member_count: int
+
+
+class ArchivePage(BaseModel):
+    count: int
+    data: list[ArchiveSummary]
+
+
+class ArchiveMemberItem(BaseModel):
+    member_key: str
+    # None when no exported event matches the member's key.
+    ref_id: str | None
+    timestamp: AwareDatetime | None
+    checksum: str | None = Field(description="sha256 of the member tar, hex.")
+    size: int | None
+
+
+class ArchiveDetail(BaseModel):
+    id: str
+    path: str
+    type: EventType
+    experiment_id: str
+    created_at: AwareDatetime
+    members: list[ArchiveMemberItem]
+
+
+# --- legacy: daily stats ---------------------------------------------------------------
+
+
+class DailyStats(BaseModel):
+    date: date
+    event_count: int
+    export_count: int
+    archive_count: int
+    bytes_exported: int
+    purge_count: int
+    bytes_purged: int
+
+
+# --- events and their lifecycle ----------------------------------------------------------
+
+
+class EventSummary(BaseModel):
+    ref_id: str
+    system: str
+    experiment_id: str
+    type: EventType
+    timestamp: AwareDatetime
+    status: EventStatus
+    size: int | None
+    verified_at: AwareDatetime | None
+    purged_at: AwareDatetime | None
+    archive_path: str | None
+    url: str = Field(description="The event's lifecycle, relative to the API's base URL.")
+
+
+class EventPage(BaseModel):
+    count: int
+    data: list[EventSummary]
+
+
+class ExportInfo(BaseModel):
+    key: str = Field(description="Bucket-prefixed object key.")
+    size: int | None
+    sha256: str | None
+    uploaded_at: AwareDatetime | None
+    verified_at: AwareDatetime | None
+    download_url: str | None = Field(
+        description="Permalink answering 307 to a fresh presigned URL (once verified)."
+    )
+
+
+class RunInfo(BaseModel):
+    run_id: str
+    status: str | None = Field(description="Dagster run status; None if Dagster has no such run.")
+    url: str = Field(description="The run in the Dagster UI.")
+
+
+class ArchiveLocation(BaseModel):
+    path: str
+    archived_at: AwareDatetime | None
+    url: str | None = Field(description="The archive, relative to the API's base URL.")
+
+
+class PurgeInfo(BaseModel):
+    purged_at: AwareDatetime
+    bytes_freed: int | None
+
+
+class EventLifecycle(BaseModel):
+    ref_id: str
+    system: str
+    experiment_id: str
+    type: EventType
+    timestamp: AwareDatetime
+    local_path: str
+    img_count: int
+    status: EventStatus
+    received_at: AwareDatetime
+    attempts: int
+    export: ExportInfo | None
+    run: RunInfo | None = Field(description="The Dagster run that last claimed the event.")
+    archive: ArchiveLocation | None
+    purge: PurgeInfo | None
+    error: str | None = Field(description="The last export error, if any.")

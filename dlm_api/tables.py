@@ -1,0 +1,34 @@
+"""The catalog tables as SQLAlchemy Core tables: the API selects columns, not ORM
+objects, so a 500-row page costs one cheap row tuple per event."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
+
+from dlm_pipelines.catalog import Archive, ArchiveMember, EventRecord
+
+EVENTS = cast(sa.Table, EventRecord.__table__)  # type: ignore[attr-defined]
+ARCHIVES = cast(sa.Table, Archive.__table__)  # type: ignore[attr-defined]
+MEMBERS = cast(sa.Table, ArchiveMember.__table__)  # type: ignore[attr-defined]
+
+
+class utc_day(FunctionElement[Any]):
+    """The UTC calendar day of a timestamp column."""
+
+    type = sa.Date()
+    inherit_cache = True
+
+
+@compiles(utc_day)
+def _utc_day_sqlite(element: utc_day, compiler: Any, **kw: Any) -> str:
+    return f"date({compiler.process(element.clauses, **kw)})"  # stored as UTC already
+
+
+@compiles(utc_day, "postgresql")
+def _utc_day_postgresql(element: utc_day, compiler: Any, **kw: Any) -> str:
+    # date() would use the session's time zone
+    return f"(({compiler.process(element.clauses, **kw)}) AT TIME ZONE 'UTC')::date"
