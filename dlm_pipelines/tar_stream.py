@@ -1,11 +1,12 @@
 """Stream a source folder as a tar straight into an S3 multipart upload.
 
-One pass over the source bytes, no temporary file: a producer thread writes the
-tar (stdlib `tarfile`) into a bounded in-memory pipe, hashing every byte with
-sha256 and counting it as it goes; boto3's transfer manager reads the pipe and
-uploads parts concurrently (and aborts the multipart upload if anything fails).
-Reading, hashing and part uploads overlap; memory stays bounded by the pipe
-plus the transfer manager's in-flight parts.
+One pass over the source bytes, no temporary file. The calling thread writes the
+tar (stdlib `tarfile`), reading file data straight into part-sized buffers; each
+full buffer is hashed (sha256 of the whole tar, in order, on its own thread) and
+uploaded as one part by a small pool of threads while the next buffer fills, so
+reading, hashing and part uploads overlap. Buffers are reused: memory stays at
+(concurrency + 1) parts whatever the tar's size. Any failure aborts the
+multipart upload once the parts in flight are done, so no partial object is left.
 """
 
 from __future__ import annotations
@@ -17,17 +18,16 @@ import json
 import os
 import queue
 import tarfile
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from boto3.s3.transfer import TransferConfig
-
 TAR_COPY_BUFSIZE = 1 << 20  # read source files in 1 MiB chunks
-MAX_PARTS = 9_000  # S3 allows 10,000; keep a margin for the size estimate
+MAX_PARTS_S3 = 10_000
+MAX_PARTS = 9_000  # keep a margin for the size estimate
 
 
 @dataclass(frozen=True)
@@ -37,69 +37,163 @@ class UploadResult:
     seconds: float
 
 
-class _Aborted(Exception):
-    pass
+class _MultipartWriter:
+    """A write-only file for `tarfile` that becomes an S3 multipart upload.
 
-
-class _HashingPipe:
-    """A bounded, thread-safe byte pipe: `write` on one side, `read` on the other.
-
-    The writer side hashes and counts; `tell` makes it usable as a `tarfile` target.
+    Writes fill part-sized buffers; each full buffer is hashed (in order, on one
+    thread) and uploaded (on `concurrency` threads) while the next one fills.
+    Buffers are reused and at most `concurrency + 1` exist.
     """
 
-    def __init__(self, max_buffered: int) -> None:
-        self._chunks: queue.Queue[bytes | BaseException | None] = queue.Queue(
-            maxsize=max(2, max_buffered // TAR_COPY_BUFSIZE)
-        )
-        self._pending = bytearray()
-        self._eof = False
-        self._aborted = threading.Event()
+    def __init__(
+        self,
+        client: Any,
+        *,
+        bucket: str,
+        key: str,
+        object_metadata: dict[str, str],
+        part_size: int,
+        concurrency: int,
+        on_progress: Callable[[int], None] | None,
+    ) -> None:
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self._client = client
+        self._target = {"Bucket": bucket, "Key": key}
+        self._part_size = part_size
+        self._on_progress = on_progress
+        # The request checksums boto3's transfer manager uses: CRC32 per part, checked
+        # by the server, unless the client sends checksums only when required.
+        when_supported = client.meta.config.request_checksum_calculation == "when_supported"
+        self._checksum = {"ChecksumAlgorithm": "CRC32"} if when_supported else {}
+        self._parts: list[Future[dict[str, Any]]] = []
+        self._failure: BaseException | None = None  # the first part upload that failed
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        self._buffers_left = concurrency + 1
+        self._buffer = self._take_buffer()
+        self._view = memoryview(self._buffer)
+        self._filled = 0
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="tar-sha256")
+        self._senders = ThreadPoolExecutor(concurrency, thread_name_prefix="tar-part")
+        self._upload_id: str = client.create_multipart_upload(
+            **self._target,
+            Metadata=object_metadata,
+            ContentType="application/x-tar",
+            **self._checksum,
+        )["UploadId"]
 
-    # writer side (the tar producer thread)
+    # the file interface `tarfile` uses
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        chunk = bytes(data)
-        self.sha256.update(chunk)
-        self.size += len(chunk)
-        self._put(chunk)
-        return len(chunk)
+        view = memoryview(data)
+        written = 0
+        while written < len(view):
+            take = min(len(view) - written, self._part_size - self._filled)
+            self._view[self._filled : self._filled + take] = view[written : written + take]
+            self._filled += take
+            written += take
+            if self._filled == self._part_size:
+                self._send_part()
+        self.size += written
+        return written
 
     def tell(self) -> int:
         return self.size
 
-    def close_writer(self, error: BaseException | None = None) -> None:
-        self._put(error)
+    def write_from(self, source: io.BufferedIOBase, size: int) -> None:
+        """Read `size` bytes of `source` straight into the part buffers (`_TarFile`)."""
+        left = size
+        while left:
+            room = min(left, self._part_size - self._filled)
+            got = source.readinto(self._view[self._filled : self._filled + room])
+            if not got:  # the file shrank while being archived
+                raise OSError(f"unexpected end of data in {getattr(source, 'name', source)}")
+            self._filled += got
+            self.size += got
+            left -= got
+            if self._filled == self._part_size:
+                self._send_part()
 
-    def _put(self, item: bytes | BaseException | None) -> None:
-        while not self._aborted.is_set():
-            try:
-                self._chunks.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-        raise _Aborted
+    # the upload
+    def complete(self) -> None:
+        if self._filled or not self._parts:
+            self._send_part(last=True)
+        wait(self._parts)
+        self._raise_failure()
+        self._hasher.shutdown()  # every update has run: the sha256 is final
+        self._senders.shutdown()
+        parts = [part.result() for part in self._parts]
+        self._client.complete_multipart_upload(
+            **self._target, UploadId=self._upload_id, MultipartUpload={"Parts": parts}
+        )
 
-    # reader side (boto3's transfer manager)
-    def read(self, size: int = -1) -> bytes:
-        while not self._eof and (size < 0 or len(self._pending) < size):
-            item = self._chunks.get()
-            if item is None:
-                self._eof = True
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                self._pending += item
-        if size < 0 or size >= len(self._pending):
-            out = bytes(self._pending)
-            self._pending.clear()
-        else:
-            out = bytes(self._pending[:size])
-            del self._pending[:size]
-        return out
+    def abort(self, failure: BaseException) -> None:
+        """Stop, let parts in flight finish, then abort: no part outlives the upload."""
+        self._failure = self._failure or failure
+        self._senders.shutdown(cancel_futures=True)
+        self._hasher.shutdown(cancel_futures=True)
+        try:
+            self._client.abort_multipart_upload(**self._target, UploadId=self._upload_id)
+        except Exception as exc:  # keep the cause; ObjectStore.abort_incomplete_uploads cleans up
+            failure.add_note(f"aborting multipart upload {self._upload_id} failed too: {exc}")
 
-    def abort(self) -> None:
-        self._aborted.set()
+    def _send_part(self, last: bool = False) -> None:
+        self._raise_failure()
+        number = len(self._parts) + 1
+        if number > MAX_PARTS_S3:
+            raise RuntimeError(f"the tar outgrew {MAX_PARTS_S3} parts of {self._part_size} bytes")
+        buffer, filled = self._buffer, self._filled
+        # botocore takes bytes or bytearray bodies, not memoryviews: a full part is
+        # sent as its buffer, the short last part as a copy.
+        body = buffer if filled == len(buffer) else bytes(self._view[:filled])
+        hashed = self._hasher.submit(self.sha256.update, body)
+        self._parts.append(self._senders.submit(self._upload_part, number, body, buffer, hashed))
+        if not last:
+            self._buffer = self._take_buffer()
+            self._view = memoryview(self._buffer)
+            self._filled = 0
+
+    def _upload_part(
+        self, number: int, body: bytes | bytearray, buffer: bytearray, hashed: Future[None]
+    ) -> dict[str, Any]:
+        try:
+            if self._failure is not None:
+                raise _Aborted
+            response = self._client.upload_part(
+                **self._target,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=body,
+                **self._checksum,
+            )
+            if self._on_progress is not None:
+                self._on_progress(len(body))
+        except BaseException as exc:
+            if self._failure is None and not isinstance(exc, _Aborted):
+                self._failure = exc
+            raise
+        finally:
+            wait([hashed])  # free the buffer once it is both hashed and sent
+            self._free.put(buffer)
+        part = {"PartNumber": number, "ETag": response["ETag"]}
+        if "ChecksumCRC32" in response:
+            part["ChecksumCRC32"] = response["ChecksumCRC32"]
+        return part
+
+    def _take_buffer(self) -> bytearray:
+        if self._free.empty() and self._buffers_left:
+            self._buffers_left -= 1
+            return bytearray(self._part_size)
+        buffer = self._free.get()  # every part frees its buffer, even when it fails
+        self._raise_failure()
+        return buffer
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+
+class _Aborted(Exception):
+    """A part not sent because another one failed first."""
 
 
 def estimate_tar_size(source: Path) -> int:
@@ -122,6 +216,28 @@ def part_size_for(estimated_size: int, minimum: int) -> int:
     return max(minimum, -(-needed // mib) * mib)
 
 
+class _TarFile(tarfile.TarFile):
+    """`TarFile`, writing exactly the same bytes; into a `_MultipartWriter`, member
+    data goes straight from the source file into the part buffers (no 1 MiB copies
+    in between), and no member list is kept (memory stays flat for huge folders)."""
+
+    def addfile(self, tarinfo: tarfile.TarInfo, fileobj: Any = None) -> None:
+        target = self.fileobj
+        if not isinstance(target, _MultipartWriter):
+            return super().addfile(tarinfo, fileobj)
+        header = tarinfo.tobuf(self.format, self.encoding, self.errors)
+        target.write(header)
+        self.offset += len(header)
+        if fileobj is not None:
+            target.write_from(fileobj, tarinfo.size)
+            blocks, remainder = divmod(tarinfo.size, tarfile.BLOCKSIZE)
+            if remainder:
+                target.write(tarfile.NUL * (tarfile.BLOCKSIZE - remainder))
+                blocks += 1
+            self.offset += blocks * tarfile.BLOCKSIZE
+        return None
+
+
 def write_tar(source: Path, metadata: dict[str, Any], target: Any) -> None:
     """The tar layout of CONTRACTS §3, written to any object with `write` and `tell`.
 
@@ -129,7 +245,7 @@ def write_tar(source: Path, metadata: dict[str, Any], target: Any) -> None:
     links, never followed); a single file gives `<file name>`. `./metadata.json`
     (4-space indented JSON) is always the last member.
     """
-    with tarfile.TarFile(
+    with _TarFile(
         fileobj=target, mode="w", format=tarfile.PAX_FORMAT, copybufsize=TAR_COPY_BUFSIZE
     ) as tar:
         arcname = source.name if source.is_file() else "."
@@ -160,42 +276,21 @@ def upload_tar(
     object is left behind.
     """
     started = time.monotonic()
-    chunk = part_size_for(estimate_tar_size(source), part_size)
-    config = TransferConfig(
-        multipart_threshold=chunk,
-        multipart_chunksize=chunk,
-        max_concurrency=part_concurrency,
-        max_io_queue=part_concurrency * 2,
-        use_threads=True,
+    writer = _MultipartWriter(
+        s3_client,
+        bucket=bucket,
+        key=key,
+        object_metadata=object_metadata,
+        part_size=part_size_for(estimate_tar_size(source), part_size),
+        concurrency=part_concurrency,
+        on_progress=on_progress,
     )
-    pipe = _HashingPipe(max_buffered=2 * chunk)
-
-    def produce() -> None:
-        try:
-            write_tar(source, metadata, pipe)
-        except _Aborted:
-            return
-        except BaseException as exc:  # hand every failure to the reader side
-            with contextlib.suppress(_Aborted):
-                pipe.close_writer(exc)
-            return
-        with contextlib.suppress(_Aborted):
-            pipe.close_writer()
-
-    producer = threading.Thread(target=produce, name=f"tar:{key}", daemon=True)
-    producer.start()
     try:
-        s3_client.upload_fileobj(
-            pipe,
-            bucket,
-            key,
-            ExtraArgs={"Metadata": object_metadata, "ContentType": "application/x-tar"},
-            Config=config,
-            Callback=on_progress,
-        )
-    finally:
-        pipe.abort()
-        producer.join()
+        write_tar(source, metadata, writer)
+        writer.complete()
+    except BaseException as failure:
+        writer.abort(failure)
+        raise
     return UploadResult(
-        size=pipe.size, sha256=pipe.sha256.hexdigest(), seconds=time.monotonic() - started
+        size=writer.size, sha256=writer.sha256.hexdigest(), seconds=time.monotonic() - started
     )

@@ -1,0 +1,128 @@
+"""The streaming tar upload against a real SeaweedFS: exact bytes, and nothing left on failure."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import boto3
+import pytest
+
+from dlm_pipelines.tar_stream import upload_tar, write_tar
+
+pytestmark = pytest.mark.integration
+
+MIB = 1 << 20
+PART = 5 * MIB  # the smallest part S3 allows: several parts from a few MiB
+
+
+def leftovers(store, key: str) -> tuple[list[str], list[str]]:
+    """Objects in the bucket, and multipart uploads still open for `key`."""
+    objects = store.client.list_objects_v2(Bucket=store.bucket).get("Contents", [])
+    uploads = store.client.list_multipart_uploads(Bucket=store.bucket, Prefix=key)
+    return [o["Key"] for o in objects], [u["UploadId"] for u in uploads.get("Uploads", [])]
+
+
+def test_uploaded_bytes_are_the_tar_with_its_sha256(object_store, tmp_path: Path) -> None:
+    source = tmp_path / "acq"
+    (source / "sub").mkdir(parents=True)
+    (source / "big.tif").write_bytes(os.urandom(11 * MIB + 123))  # spans three parts
+    (source / "block.tif").write_bytes(os.urandom(4096))  # a whole number of tar blocks
+    (source / "empty.tif").write_bytes(b"")
+    (source / "sub" / "a.tif").write_bytes(b"A" * 10)
+    os.link(source / "sub" / "a.tif", source / "sub" / "hardlink.tif")
+    (source / "link").symlink_to("sub/a.tif")
+    metadata = {"ref_id": "r1", "schema_version": "1a1"}
+
+    result = upload_tar(
+        object_store.client,
+        source=source,
+        metadata=metadata,
+        bucket=object_store.bucket,
+        key="images/exp/20260101/000000.tar",
+        object_metadata={"ref-id": "r1"},
+        part_size=PART,
+        part_concurrency=2,
+    )
+
+    body = object_store.client.get_object(
+        Bucket=object_store.bucket, Key="images/exp/20260101/000000.tar"
+    )["Body"].read()
+    assert result.size == len(body) and result.sha256 == hashlib.sha256(body).hexdigest()
+    # byte for byte what plain `write_tar` gives, but for metadata.json's mtime (now)
+    expected = io.BytesIO()
+    write_tar(source, metadata, expected)
+    metadata_header = body.rindex(b"./metadata.json")
+    assert len(body) == len(expected.getvalue())
+    assert body[:metadata_header] == expected.getvalue()[:metadata_header]
+    assert body[metadata_header + 512 :] == expected.getvalue()[metadata_header + 512 :]
+
+
+def test_a_file_shrinking_midway_leaves_no_object_and_no_open_upload(
+    object_store, tmp_path: Path
+) -> None:
+    source = tmp_path / "acq"
+    source.mkdir()
+    growing = source / "frame.tif"
+    growing.write_bytes(os.urandom(4 * PART))
+    key = "images/exp/20260101/000001.tar"
+
+    def truncate_after_first_part(_: int) -> None:
+        # One part in flight and one buffer ahead: the tar has read 2 of 4 parts.
+        # The file now ends before the size its header announced.
+        os.truncate(growing, PART + 100)
+
+    with pytest.raises(OSError, match="unexpected end of data"):
+        upload_tar(
+            object_store.client,
+            source=source,
+            metadata={"ref_id": "r2"},
+            bucket=object_store.bucket,
+            key=key,
+            object_metadata={},
+            part_size=PART,
+            part_concurrency=1,
+            on_progress=truncate_after_first_part,
+        )
+
+    assert object_store.head(key) is None
+    assert leftovers(object_store, key) == ([], [])
+
+
+def test_a_part_failing_midway_leaves_no_object_and_no_open_upload(
+    object_store, tmp_path: Path
+) -> None:
+    source = tmp_path / "acq"
+    source.mkdir()
+    (source / "frame.tif").write_bytes(os.urandom(4 * PART))
+    key = "images/exp/20260101/000002.tar"
+    # A client of its own (the store's is shared) whose link fails on part 2.
+    client = boto3.client(
+        "s3", endpoint_url=object_store.endpoint_url, region_name=object_store.region
+    )
+
+    def link_down_on_part_2(request, **_) -> None:
+        if "partNumber=2&" in request.url + "&":
+            raise LinkDown("connection lost while sending part 2")
+
+    client.meta.events.register("before-send.s3.UploadPart", link_down_on_part_2)
+    with pytest.raises(LinkDown):
+        upload_tar(
+            client,
+            source=source,
+            metadata={"ref_id": "r3"},
+            bucket=object_store.bucket,
+            key=key,
+            object_metadata={},
+            part_size=PART,
+            part_concurrency=2,
+        )
+
+    assert object_store.head(key) is None
+    assert leftovers(object_store, key) == ([], [])
+
+
+class LinkDown(RuntimeError):
+    pass
