@@ -449,7 +449,11 @@ class Catalog(ConfigurableResource):
             return set()
         statement = (
             sa.update(table)
-            .where(sa.or_(*conditions), table.c.purged_at.is_(None))
+            .where(
+                table.c.ref_id.in_([r.ref_id for r in records]),  # the primary key, not a scan
+                sa.or_(*conditions),
+                table.c.purged_at.is_(None),
+            )
             .values(status=EventStatus.PURGING.value, run_id=run_id)
             .returning(table.c.ref_id)
         )
