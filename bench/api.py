@@ -376,8 +376,8 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--database-url", help="reuse a catalog built with --keep")
     parser.add_argument("--keep", action="store_true", help="keep the catalog for a rerun")
-    parser.add_argument("--page-requests", type=int, default=4, help="per client per phase")
-    parser.add_argument("--event-requests", type=int, default=100, help="per client per phase")
+    parser.add_argument("--page-requests", type=int, default=3, help="per client per phase")
+    parser.add_argument("--event-requests", type=int, default=60, help="per client per phase")
     args = parser.parse_args(argv)
     workers = args.workers or get_settings().api_workers
     # as many CPU-bound processes as the API has (each worker's presign pool has one per
