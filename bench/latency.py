@@ -364,7 +364,7 @@ class LatencyBench:
         client = DagsterGraphQLClient("127.0.0.1", port_number=self.stack.ui_port)
         systems = list(self.settings.systems)
         rows = []
-        cpu = -stack_cpu_seconds(self.stack.marker)
+        cpu = -finished_children_cpu(self.stack.marker)
         for n in range(runs):
             system = systems[n % len(systems)]
             run_id = client.submit_job_execution(
@@ -379,15 +379,12 @@ class LatencyBench:
                 },
             )
             rows.append(self.wait_for_run(run_id, timeout=300))
-        cpu += stack_cpu_seconds(self.stack.marker)
+        cpu += finished_children_cpu(self.stack.marker)
         print(f"\n## Dagster's fixed cost per run: {runs} trivial runs, one after the other")
         print("(raw_export on a partition without events, submitted with DagsterGraphQLClient")
         print(" as the UI does; queued, dequeued and launched by the daemon; seconds)")
         print_phase_table(rows)
-        print(
-            f"CPU of the stack's processes (daemon, code servers, run workers, webserver, "
-            f"SeaweedFS; not PostgreSQL) per trivial run: {cpu / runs:.2f} s"
-        )
+        print(f"CPU of the run worker processes, per trivial run: {cpu / runs:.2f} s")
 
         small = []
         for _ in range(runs):
@@ -464,10 +461,27 @@ class LatencyBench:
         print(f"project / {other.name}: median of paired ratios {statistics.median(ratios):.2f}")
 
     def restart_daemon(self, instance_file: Path, text: str) -> None:
+        """With no run in flight: stopping the daemon stops its run workers too."""
+        self.wait_no_runs(timeout=120)
         daemon = self.stack.processes["daemon"]
         daemon.stop()
         instance_file.write_text(text)
         daemon.start()
+
+    def wait_no_runs(self, timeout: float) -> None:
+        from dagster import DagsterRunStatus, RunsFilter
+
+        live = [
+            DagsterRunStatus.QUEUED,
+            DagsterRunStatus.NOT_STARTED,
+            DagsterRunStatus.STARTING,
+            DagsterRunStatus.STARTED,
+        ]
+        deadline = time.monotonic() + timeout
+        while self.instance.get_run_records(filters=RunsFilter(statuses=live), limit=1):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"runs still in flight after {timeout:.0f}s")
+            time.sleep(0.5)
 
     def burst(self) -> float:
         from dlm_pipelines.mock_prince import MockPrince
@@ -609,19 +623,18 @@ def print_phase_table(rows: list[dict[str, float]], medians_only: bool = False) 
     print("| median | " + " | ".join(f"{medians[c]:.2f}" for c in columns) + " |")
 
 
-def stack_cpu_seconds(marker: str) -> float:
-    """User + system CPU of the stack's live processes and of their reaped children."""
+def finished_children_cpu(marker: str) -> float:
+    """CPU of the stack's ended and reaped processes: the run workers, chiefly."""
     from dlm_pipelines.dev.processes import marked_pids
 
-    ticks = os.sysconf("SC_CLK_TCK")
     total = 0
     for pid in marked_pids(marker):
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
-            continue  # ended meanwhile; its CPU shows up in its parent's children
-        total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
-    return total / ticks
+            continue  # ended meanwhile: it is counted in its parent's children
+        total += int(fields[13]) + int(fields[14])  # cutime cstime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def counts_at(
