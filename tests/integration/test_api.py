@@ -465,6 +465,7 @@ def test_dlm_api_serves_under_uvicorn(catalog, object_store, dagster_instance, t
         "DLM_S3_BUCKET": object_store.bucket,
         "DLM_API_TOKENS": f"alice:{ALICE}",
         "DLM_API_PORT": str(port),
+        "DLM_API_WORKERS": "1",  # one uvicorn process starts faster; its presign pool runs
         "DAGSTER_HOME": dagster_instance.root_directory,
     }
     dlm = Path(sys.executable).parent / "dlm"
