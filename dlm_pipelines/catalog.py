@@ -154,6 +154,15 @@ class ArchiveMember(SQLModel, table=True):
     ref_id: str | None = Field(default=None, index=True, max_length=36)
 
 
+def _rows(name: str, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> Any:
+    """Literal rows to join an UPDATE with (a VALUES CTE): one statement for a batch."""
+    if not rows:
+        return None
+    types = {"size": sa.BigInteger(), "freed": sa.BigInteger()}
+    values = sa.values(*(sa.column(c, types.get(c, sa.String())) for c in columns), name=name)
+    return values.data(rows).cte(name)
+
+
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -419,40 +428,44 @@ class Catalog(ConfigurableResource):
     def claim_for_purge(self, records: Sequence[EventRecord], run_id: str) -> set[str]:
         """Hold these events for purging; returns the ref_ids held.
 
-        One compare-and-set on each row as it was read: verified (or `purging` by the
-        same stale holder), not purged, and the same object, size and sha256. So an
+        One compare-and-set against each row as it was read: verified (or `purging` by
+        the same stale holder), not purged, and the same object, size and sha256. So an
         event that a re-export claimed or re-verified meanwhile is not held.
         """
         table = EventRecord.__table__  # type: ignore[attr-defined]
-        export = [table.c.ref_id, table.c.bucket, table.c.object_key, table.c.size, table.c.sha256]
 
-        def as_read(record: EventRecord) -> tuple[Any, ...]:
-            return (record.ref_id, record.bucket, record.object_key, record.size, record.sha256)
+        def holder(record: EventRecord) -> str | None:
+            return record.run_id if record.status == EventStatus.PURGING else None
 
-        verified = [as_read(r) for r in records if r.status == EventStatus.VERIFIED]
-        stale = [(*as_read(r), r.run_id) for r in records if r.status == EventStatus.PURGING]
-        conditions = []
-        if verified:
-            conditions.append(
-                sa.and_(
-                    table.c.status == EventStatus.VERIFIED.value, sa.tuple_(*export).in_(verified)
-                )
-            )
-        if stale:
-            conditions.append(
-                sa.and_(
-                    table.c.status == EventStatus.PURGING.value,
-                    sa.tuple_(*export, table.c.run_id).in_(stale),
-                )
-            )
-        if not conditions:
+        as_read = _rows(
+            "as_read",
+            ("ref_id", "bucket", "object_key", "size", "sha256", "holder"),
+            [
+                (r.ref_id, r.bucket, r.object_key, r.size, r.sha256, holder(r))
+                for r in records
+                if r.status in (EventStatus.VERIFIED, EventStatus.PURGING)
+            ],
+        )
+        if as_read is None:
             return set()
         statement = (
             sa.update(table)
             .where(
-                table.c.ref_id.in_([r.ref_id for r in records]),  # the primary key, not a scan
-                sa.or_(*conditions),
+                table.c.ref_id == as_read.c.ref_id,
+                table.c.bucket == as_read.c.bucket,
+                table.c.object_key == as_read.c.object_key,
+                table.c.size == as_read.c.size,
+                table.c.sha256 == as_read.c.sha256,
                 table.c.purged_at.is_(None),
+                sa.or_(
+                    sa.and_(
+                        table.c.status == EventStatus.VERIFIED.value, as_read.c.holder.is_(None)
+                    ),
+                    sa.and_(
+                        table.c.status == EventStatus.PURGING.value,
+                        table.c.run_id == as_read.c.holder,
+                    ),
+                ),
             )
             .values(status=EventStatus.PURGING.value, run_id=run_id)
             .returning(table.c.ref_id)
@@ -468,37 +481,40 @@ class Catalog(ConfigurableResource):
         released: Sequence[EventRecord] = (),
         alarms: Sequence[tuple[EventRecord, str]] = (),
     ) -> None:
-        """End the holds of `run_id`, in one transaction: purged (with the bytes freed),
-        given back untouched, or marked as needing attention (the store did not match)."""
+        """End the holds of `run_id` in one statement: purged (with the bytes freed),
+        given back untouched, or marked as needing attention (the store did not match).
+
+        The export's run_id comes back: run_id names the run that made the object.
+        """
         table = EventRecord.__table__  # type: ignore[attr-defined]
-        held = sa.and_(
-            table.c.ref_id == sa.bindparam("ref"),
-            table.c.status == EventStatus.PURGING.value,
-            table.c.run_id == run_id,
+        verified, attention = EventStatus.VERIFIED.value, EventStatus.NEEDS_ATTENTION.value
+        ends = _rows(
+            "ends",
+            ("ref_id", "status", "maker", "freed", "error"),
+            [(r.ref_id, verified, r.run_id, n, None) for r, n in purged]
+            + [(r.ref_id, verified, r.run_id, None, None) for r in released]
+            + [(r.ref_id, attention, r.run_id, None, why[:4000]) for r, why in alarms],
         )
-
-        def end(**values: Any) -> Any:
-            # The export's run_id comes back: run_id names the run that made the object.
-            return sa.update(table).where(held).values(run_id=sa.bindparam("maker"), **values)
-
-        now = utcnow()
+        if ends is None:
+            return
+        freed = sa.cast(ends.c.freed, sa.BigInteger())  # PostgreSQL: text if all are NULL
+        statement = (
+            sa.update(table)
+            .where(
+                table.c.ref_id == ends.c.ref_id,
+                table.c.status == EventStatus.PURGING.value,
+                table.c.run_id == run_id,
+            )
+            .values(
+                status=ends.c.status,
+                run_id=ends.c.maker,
+                purged_at=sa.case(
+                    (freed.is_not(None), sa.literal(utcnow(), UTCDateTime())),
+                    else_=table.c.purged_at,
+                ),
+                bytes_freed=sa.func.coalesce(freed, table.c.bytes_freed),
+                last_error=sa.func.coalesce(ends.c.error, table.c.last_error),
+            )
+        )
         with self.engine.begin() as conn:
-            if purged:
-                conn.execute(
-                    end(
-                        status=EventStatus.VERIFIED.value,
-                        purged_at=now,
-                        bytes_freed=sa.bindparam("freed"),
-                    ),
-                    [{"ref": r.ref_id, "maker": r.run_id, "freed": n} for r, n in purged],
-                )
-            if released:
-                conn.execute(
-                    end(status=EventStatus.VERIFIED.value),
-                    [{"ref": r.ref_id, "maker": r.run_id} for r in released],
-                )
-            if alarms:
-                conn.execute(
-                    end(status=EventStatus.NEEDS_ATTENTION.value, last_error=sa.bindparam("why")),
-                    [{"ref": r.ref_id, "maker": r.run_id, "why": why[:4000]} for r, why in alarms],
-                )
+            conn.execute(statement)

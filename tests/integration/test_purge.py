@@ -502,3 +502,22 @@ def test_export_and_purge_racing_on_one_event_never_lose_data(lab) -> None:
         else:
             assert final.purged_at is None and results["purge"].why is None
     print(f"export and purge racing: {dict(orders)}")
+
+
+def test_the_purge_works_on_the_default_sqlite_catalog(object_store, streams, tmp_path) -> None:
+    sqlite_catalog = Catalog(database_url=f"sqlite:///{tmp_path / 'catalog.sqlite'}")
+    sqlite_catalog.migrate()
+    root = tmp_path / "data"
+    root.mkdir()
+    lab = Lab(sqlite_catalog, object_store, streams, root)
+    due, young, tampered = lab.add_exported(), lab.add_exported(age=YOUNG), lab.add_exported()
+    lab.store.client.delete_object(Bucket=lab.store.bucket, Key=tampered.object_key)
+
+    outcomes = lab.purge()
+
+    assert outcomes[due.ref_id].why == Why.LIFESPAN and not lab.source(due).exists()
+    assert lab.get(due.ref_id).purged_at is not None
+    assert lab.get(due.ref_id).bytes_freed == outcomes[due.ref_id].bytes_freed > 0
+    assert outcomes[young.ref_id].skip.reason == TOO_YOUNG and lab.source(young).exists()
+    assert lab.get(tampered.ref_id).status == EventStatus.NEEDS_ATTENTION
+    assert lab.source(tampered).exists()

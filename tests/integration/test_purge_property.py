@@ -23,7 +23,7 @@ from dlm_pipelines.purge import DiskLevel, PurgePolicy
 from tests.integration.test_purge import LIFESPAN, Lab
 
 pytestmark = pytest.mark.integration
-EXAMPLES = 80
+EXAMPLES = 100
 DISK_TOTAL = 50_000  # bytes: of the order of a few events, so pressure is often partial
 MISMATCHES = ("object missing", "other bytes", "wrong sha256 metadata", "size changed")
 STATES = ("received", "failed", "exporting", "verified", "needs_attention")
