@@ -25,9 +25,15 @@ stream names of its own, deleted at the end. Settings are the defaults (sensor e
    written and fsync'ed before its XADD): p50/p95/max of XADD (the stream id's
    milliseconds) to verified (the catalog's `verified_at`), and the backlog (XADDed,
    not yet verified) every 10 s;
-5. 2 MB events at rising rates, ~60 s each: a rate holds when the mean backlog of the
-   step's last third exceeds that of its middle third by less than one second's worth
-   of events (the stack keeps up within 5 %) and the step drains afterwards.
+5. 2 MB events at rising rates, ~60 s each, stopping at the first that fails: a rate
+   holds when, once the pipeline is full (from the step's first verification to its
+   last XADD), the mean backlog of that window's second half exceeds its first half's
+   by less than one second's worth of events, and the step drains afterwards.
+
+With `--compare-instance=FILE` it first alternates the daemon (restarted each time)
+between the project's instance file and FILE, timing bursts of one small event per
+system: how an instance setting was judged. Each phase also prints the CPU the stack's
+processes used (PostgreSQL's not counted) and the load average: this machine is shared.
 
 Everything it started is stopped at the end, also on errors, Ctrl-C and SIGTERM.
 Exit status 1 when a target is missed (not in --quick mode).
@@ -48,7 +54,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,6 +336,23 @@ class LatencyBench:
                 writer.join(timeout=10)
         return published
 
+    def cpu_meter(self) -> Callable[[int], str]:
+        """Call the result after a phase: what the phase's CPU came to, per event."""
+        stack_before, self_before = stack_cpu(self.stack.marker), time.process_time()
+        started = time.monotonic()
+
+        def report(events: int) -> str:
+            stack = stack_cpu(self.stack.marker) - stack_before
+            writer = time.process_time() - self_before
+            seconds = time.monotonic() - started
+            return (
+                f"CPU: the stack {stack:.0f} s ({stack / seconds:.2f} cores over "
+                f"{seconds:.0f} s, {stack / events:.2f} s per event; PostgreSQL not counted), "
+                f"the bench's writers {writer:.0f} s; load average {os.getloadavg()[0]:.1f}"
+            )
+
+        return report
+
     def wait_verified(self, published: Sequence[Published], timeout: float) -> dict[str, float]:
         """ref_id → verified_at (epoch seconds) for those verified within `timeout`."""
         pending = {p.ref_id for p in published}
@@ -364,7 +387,7 @@ class LatencyBench:
         client = DagsterGraphQLClient("127.0.0.1", port_number=self.stack.ui_port)
         systems = list(self.settings.systems)
         rows = []
-        cpu = -finished_children_cpu(self.stack.marker)
+        cpu = -stack_cpu(self.stack.marker, reaped_only=True)
         for n in range(runs):
             system = systems[n % len(systems)]
             run_id = client.submit_job_execution(
@@ -379,7 +402,7 @@ class LatencyBench:
                 },
             )
             rows.append(self.wait_for_run(run_id, timeout=300))
-        cpu += finished_children_cpu(self.stack.marker)
+        cpu += stack_cpu(self.stack.marker, reaped_only=True)
         print(f"\n## Dagster's fixed cost per run: {runs} trivial runs, one after the other")
         print("(raw_export on a partition without events, submitted with DagsterGraphQLClient")
         print(" as the UI does; queued, dequeued and launched by the daemon; seconds)")
@@ -501,8 +524,10 @@ class LatencyBench:
 
     def measure_steady(self, rate: float, seconds: float, size: int) -> bool:
         print(f"\n## {size / 1e6:g} MB events at {rate:g}/s for {seconds:.0f} s", flush=True)
+        cpu = self.cpu_meter()
         published = self.publish(rate, seconds, size)
         verified = self.wait_verified(published, timeout=max(120.0, seconds))
+        cpu_note = cpu(len(published))
         latencies = [verified[p.ref_id] - p.xadd_at for p in published if p.ref_id in verified]
         lost = len(published) - len(latencies)
         span = published[-1].xadd_at - published[0].xadd_at
@@ -528,6 +553,7 @@ class LatencyBench:
             f"targets: p50 ≤ {TARGET_P50:g} s, p95 ≤ {TARGET_P95:g} s → "
             f"{'met' if p50 <= TARGET_P50 and p95 <= TARGET_P95 and not lost else 'MISSED'}"
         )
+        print(cpu_note)
         self.print_runs(start, len(published))
         return bool(lost) or p50 > TARGET_P50 or p95 > TARGET_P95
 
@@ -558,25 +584,27 @@ class LatencyBench:
         )
         rows, best = [], 0.0
         for rate in rates:
+            cpu = self.cpu_meter()
             published = self.publish(rate, seconds, size)
             drain_timeout = max(90.0, seconds * 2)
             verified = self.wait_verified(published, timeout=drain_timeout)
             row = step_row(rate, published, verified)
             rows.append(row)
-            print(f"  {rate:g}/s: {row['verdict']}", flush=True)
+            print(f"  {rate:g}/s: {row['verdict']}; {cpu(len(published))}", flush=True)
             self.print_runs(published[0].xadd_at, len(published))
             if row["verdict"] != "holds":
                 break
             best = rate
         print(
-            "\n| offered /s | achieved /s | backlog at 1/3, 2/3, end | mean backlog middle "
-            "→ last third | p50 / p95 s | drained after | verdict |\n|---|---|---|---|---|---|---|"
+            "\n| offered /s | achieved /s | first verified after | mean backlog, 1st → 2nd "
+            "half once full | p50 / p95 s | drained after last XADD | verdict |"
         )
+        print("|---|---|---|---|---|---|---|")
         for row in rows:
             print(
-                f"| {row['rate']:g} | {row['achieved']:.2f} | {row['marks']} | "
-                f"{row['middle']:.1f} → {row['last']:.1f} | {row['p50']:.1f} / {row['p95']:.1f} | "
-                f"{row['drained']} | {row['verdict']} |"
+                f"| {row['rate']:g} | {row['achieved']:.2f} | {row['full after']:.0f} s | "
+                f"{row['first']:.1f} → {row['second']:.1f} | {row['p50']:.1f} / "
+                f"{row['p95']:.1f} | {row['drained']} | {row['verdict']} |"
             )
         print(
             f"\nhighest steady rate: {best:g} events/s (target ≥ {TARGET_STEADY_RATE:g}) → "
@@ -586,30 +614,38 @@ class LatencyBench:
 
 
 def step_row(rate: float, published: list[Published], verified: dict[str, float]) -> dict:
+    """Judged once the pipeline is full (from the step's first verification to its
+    last XADD): the mean backlog of that window's second half against its first."""
     start, end = published[0].xadd_at, published[-1].xadd_at
-    span = end - start
-
-    def backlog(t: float) -> int:
-        xadded, done = counts_at(published, verified, t)
-        return xadded - done
 
     def mean_backlog(a: float, b: float) -> float:
-        return statistics.mean(backlog(start + t) for t in frange(a * span, b * span, 1.0))
+        samples = []
+        for t in frange(a, b, 1.0):
+            xadded, done = counts_at(published, verified, t)
+            samples.append(xadded - done)
+        return statistics.mean(samples)
 
-    middle, last = mean_backlog(1 / 3, 2 / 3), mean_backlog(2 / 3, 1.0)
     latencies = [verified[p.ref_id] - p.xadd_at for p in published if p.ref_id in verified]
     drained = len(verified) == len(published)
-    flat = last - middle < max(1.0, rate)  # less than 1 s of arrivals gained
+    full = min(verified.values(), default=end)
+    middle = (full + end) / 2
+    if end - full < 20:
+        first = second = float("nan")
+        verdict = "step too short for its latency"
+    else:
+        first, second = mean_backlog(full, middle), mean_backlog(middle, end)
+        flat = second - first < max(1.0, rate)  # less than 1 s of arrivals gained
+        verdict = "holds" if flat and drained else "backlog grows"
     return {
         "rate": rate,
-        "achieved": (len(published) - 1) / span if span else 0.0,
-        "marks": ", ".join(str(backlog(start + f * span)) for f in (1 / 3, 2 / 3, 1.0)),
-        "middle": middle,
-        "last": last,
+        "achieved": (len(published) - 1) / (end - start) if end > start else 0.0,
+        "full after": full - start,
+        "first": first,
+        "second": second,
         "p50": percentile(latencies, 50) if latencies else float("nan"),
         "p95": percentile(latencies, 95) if latencies else float("nan"),
         "drained": f"{max(verified.values()) - end:.0f} s" if drained else "no",
-        "verdict": "holds" if flat and drained else "backlog grows",
+        "verdict": verdict,
     }
 
 
@@ -623,8 +659,9 @@ def print_phase_table(rows: list[dict[str, float]], medians_only: bool = False) 
     print("| median | " + " | ".join(f"{medians[c]:.2f}" for c in columns) + " |")
 
 
-def finished_children_cpu(marker: str) -> float:
-    """CPU of the stack's ended and reaped processes: the run workers, chiefly."""
+def stack_cpu(marker: str, *, reaped_only: bool = False) -> float:
+    """CPU seconds of the stack's processes (not PostgreSQL's), with their reaped
+    children (the run workers); `reaped_only`: those children alone."""
     from dlm_pipelines.dev.processes import marked_pids
 
     total = 0
@@ -633,7 +670,7 @@ def finished_children_cpu(marker: str) -> float:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # ended meanwhile: it is counted in its parent's children
-        total += int(fields[13]) + int(fields[14])  # cutime cstime
+        total += sum(int(f) for f in fields[13 if reaped_only else 11 : 15])
     return total / os.sysconf("SC_CLK_TCK")
 
 
