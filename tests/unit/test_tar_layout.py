@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -65,3 +66,19 @@ def test_estimate_is_close(tmp_path: Path) -> None:
     out = io.BytesIO()
     write_tar(tmp_path, {}, out)
     assert abs(estimate_tar_size(tmp_path) - len(out.getvalue())) < 20_000
+
+
+def test_whole_second_mtimes_and_pax_headers_only_where_needed(tmp_path: Path) -> None:
+    source = tmp_path / "acq"
+    source.mkdir()
+    tile = source / "tile.tif"
+    tile.write_bytes(b"T" * 100)
+    os.utime(tile, (1_764_000_000.75, 1_764_000_000.75))
+    long_name = "x" * 150 + ".tif"  # over ustar's 100 characters: needs a PAX path
+    (source / long_name).write_bytes(b"L")
+    out = io.BytesIO()
+    write_tar(source, {}, out)
+    members = {m.name: m for m in _members(out.getvalue())}
+    assert members["./tile.tif"].mtime == 1_764_000_000
+    assert members["./tile.tif"].pax_headers == {}
+    assert members[f"./{long_name}"].pax_headers == {"path": f"./{long_name}"}
