@@ -214,7 +214,12 @@ def run_shape(store: Any, shape: Shape, scratch: Path, reps: int, server_pid: in
 def timed(
     action: Callable[[str], None], store: Any, key: str, server_pid: int
 ) -> tuple[float, float]:
-    """Wall seconds, and CPU seconds of this process plus SeaweedFS, of `action(key)`."""
+    """Wall seconds, and CPU seconds of this process plus SeaweedFS, of `action(key)`.
+
+    Dirty pages of the variant before (SeaweedFS's volume writes, the legacy temp
+    file) are written back first, untimed: no variant pays for another's writeback.
+    """
+    os.sync()
     cpu_before = cpu_seconds(server_pid) + time.process_time()
     started = time.perf_counter()
     action(key)
