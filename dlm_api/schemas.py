@@ -10,7 +10,7 @@ from datetime import UTC, date, datetime
 from typing import Annotated
 
 from fastapi import Query
-from pydantic import AfterValidator, AwareDatetime, BaseModel, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from dlm_pipelines.catalog import EventStatus
 from dlm_pipelines.events import EventType
@@ -26,10 +26,26 @@ def _to_utc(value: datetime) -> datetime:
 # A query datetime: must carry an offset (naive → 422), normalised to UTC.
 UTCDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
 # Name filters match catalog values exactly; these are the characters names may hold.
-NameFilter = Annotated[
-    str | None, Query(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
-]
+NAME_RULES = {"min_length": 1, "max_length": 128, "pattern": r"^[A-Za-z0-9._-]+$"}
+NameFilter = Annotated[str | None, Query(**NAME_RULES)]  # a query parameter
+SearchName = Annotated[str | None, Field(**NAME_RULES)]  # a field of a query model
 OFFSET_MAX = 1_000_000_000
+
+
+class EventSearch(BaseModel):
+    """Filters and paging of `GET /api/1/events`. An unknown parameter is a 422, not
+    silently ignored: `?type=video` (the field is `event_type`) must not list every type."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    experiment_id: SearchName = None
+    system: SearchName = None
+    event_type: EventType | None = None
+    status: EventStatus | None = None
+    start: UTCDatetime | None = Field(None, description="Events at or after.")
+    end: UTCDatetime | None = Field(None, description="Events before.")
+    limit: int = Field(100, ge=1, le=500)
+    offset: int = Field(0, ge=0, le=OFFSET_MAX)
 
 
 # --- legacy: exports -------------------------------------------------------------------

@@ -14,20 +14,16 @@ from sqlalchemy.engine import Engine
 from dlm_api.deps import CallerDep, Services, ServicesDep
 from dlm_api.routes.archives import archive_url
 from dlm_api.schemas import (
-    OFFSET_MAX,
     ArchiveLocation,
     EventLifecycle,
     EventPage,
+    EventSearch,
     EventSummary,
     ExportInfo,
-    NameFilter,
     PurgeInfo,
     RunInfo,
-    UTCDatetime,
 )
 from dlm_api.tables import ARCHIVES, EVENTS
-from dlm_pipelines.catalog import EventStatus
-from dlm_pipelines.events import EventType
 
 router = APIRouter(tags=["events"])
 audit = logging.getLogger("dlm_api.downloads")
@@ -47,30 +43,20 @@ def download_url(ref_id: str) -> str:
 
 
 @router.get("/events")
-async def list_events(
-    services: ServicesDep,
-    experiment_id: NameFilter = None,
-    system: NameFilter = None,
-    event_type: EventType | None = None,
-    status: EventStatus | None = None,
-    start: Annotated[UTCDatetime | None, Query(description="Events at or after.")] = None,
-    end: Annotated[UTCDatetime | None, Query(description="Events before.")] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0, le=OFFSET_MAX)] = 0,
-) -> EventPage:
+async def list_events(services: ServicesDep, search: Annotated[EventSearch, Query()]) -> EventPage:
     """Events by imaging time, newest first (ties by ref_id), with their current state."""
     filters = {
-        EVENTS.c.experiment_id: experiment_id,
-        EVENTS.c.system: system,
-        EVENTS.c.event_type: event_type,
-        EVENTS.c.status: status,
+        EVENTS.c.experiment_id: search.experiment_id,
+        EVENTS.c.system: search.system,
+        EVENTS.c.event_type: search.event_type,
+        EVENTS.c.status: search.status,
     }
     where = [column == value for column, value in filters.items() if value is not None]
-    if start is not None:
-        where.append(EVENTS.c.timestamp >= start)
-    if end is not None:
-        where.append(EVENTS.c.timestamp < end)
-    return await run_in_threadpool(event_page, services.engine, where, limit, offset)
+    if search.start is not None:
+        where.append(EVENTS.c.timestamp >= search.start)
+    if search.end is not None:
+        where.append(EVENTS.c.timestamp < search.end)
+    return await run_in_threadpool(event_page, services.engine, where, search.limit, search.offset)
 
 
 def event_page(engine: Engine, where: list[Any], limit: int, offset: int) -> EventPage:

@@ -384,8 +384,11 @@ def test_events_search_filters_and_pages(client, catalog) -> None:
         {"offset": -5},
         {"status": "lost"},
         {"experiment_id": "a/b"},
+        {"type": "video"},  # the filter is event_type: a misspelt one must not list all
     ):
         assert client.get("/api/1/events", params=bad, headers=AUTH).status_code == 422
+    unknown = client.get("/api/1/events", params={"type": "video"}, headers=AUTH).json()
+    assert unknown["detail"][0]["loc"] == ["query", "type"]
 
 
 def test_daily_stats_count_and_sum_by_utc_day(client, catalog) -> None:
