@@ -9,6 +9,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 
 from dlm_pipelines.tar_stream import upload_tar, write_tar
 
@@ -120,6 +121,43 @@ def test_a_part_failing_midway_leaves_no_object_and_no_open_upload(
             part_concurrency=2,
         )
 
+    assert object_store.head(key) is None
+    assert leftovers(object_store, key) == ([], [])
+
+
+def test_a_part_corrupted_on_its_way_is_refused_and_leaves_nothing(
+    object_store, tmp_path: Path
+) -> None:
+    source = tmp_path / "acq"
+    source.mkdir()
+    (source / "frame.tif").write_bytes(os.urandom(3 * PART))
+    key = "images/exp/20260101/000003.tar"
+    client = boto3.client(
+        "s3", endpoint_url=object_store.endpoint_url, region_name=object_store.region
+    )
+
+    def flip_a_byte_of_part_2(request, **_) -> None:
+        # After botocore computed the part's CRC32 (and payload hash): bytes changed in
+        # transit. The store must refuse the part rather than keep other bytes.
+        if "partNumber=2&" in request.url + "&":
+            body = bytearray(request.body)
+            body[len(body) // 2] ^= 0xFF
+            request.body = bytes(body)
+
+    client.meta.events.register("before-send.s3.UploadPart", flip_a_byte_of_part_2)
+    with pytest.raises(ClientError) as refused:
+        upload_tar(
+            client,
+            source=source,
+            metadata={"ref_id": "r4"},
+            bucket=object_store.bucket,
+            key=key,
+            object_metadata={},
+            part_size=PART,
+            part_concurrency=2,
+        )
+
+    print(f"the store's answer: {refused.value}")
     assert object_store.head(key) is None
     assert leftovers(object_store, key) == ([], [])
 
