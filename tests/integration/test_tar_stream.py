@@ -92,34 +92,47 @@ def test_a_file_shrinking_midway_leaves_no_object_and_no_open_upload(
     assert leftovers(object_store, key) == ([], [])
 
 
-def test_a_part_failing_midway_leaves_no_object_and_no_open_upload(
-    object_store, tmp_path: Path
-) -> None:
-    source = tmp_path / "acq"
-    source.mkdir()
-    (source / "frame.tif").write_bytes(os.urandom(4 * PART))
-    key = "images/exp/20260101/000002.tar"
-    # A client of its own (the store's is shared) whose link fails on part 2.
+def client_with_hook(object_store, hook) -> object:
+    """A client of its own (the store's is shared) with `hook` before each part is sent."""
     client = boto3.client(
         "s3", endpoint_url=object_store.endpoint_url, region_name=object_store.region
     )
+    client.meta.events.register("before-send.s3.UploadPart", hook)
+    return client
+
+
+def upload_one_frame(client, object_store, tmp_path: Path, key: str, parts: int) -> None:
+    source = tmp_path / "acq"
+    source.mkdir()
+    (source / "frame.tif").write_bytes(os.urandom(parts * PART))
+    upload_tar(
+        client,
+        source=source,
+        metadata={"ref_id": key},
+        bucket=object_store.bucket,
+        key=key,
+        object_metadata={},
+        part_size=PART,
+        part_concurrency=2,
+    )
+
+
+def is_part_2(request) -> bool:
+    return "partNumber=2&" in request.url + "&"
+
+
+def test_a_part_failing_midway_leaves_no_object_and_no_open_upload(
+    object_store, tmp_path: Path
+) -> None:
+    key = "images/exp/20260101/000002.tar"
 
     def link_down_on_part_2(request, **_) -> None:
-        if "partNumber=2&" in request.url + "&":
+        if is_part_2(request):
             raise LinkDown("connection lost while sending part 2")
 
-    client.meta.events.register("before-send.s3.UploadPart", link_down_on_part_2)
+    client = client_with_hook(object_store, link_down_on_part_2)
     with pytest.raises(LinkDown):
-        upload_tar(
-            client,
-            source=source,
-            metadata={"ref_id": "r3"},
-            bucket=object_store.bucket,
-            key=key,
-            object_metadata={},
-            part_size=PART,
-            part_concurrency=2,
-        )
+        upload_one_frame(client, object_store, tmp_path, key, parts=4)
 
     assert object_store.head(key) is None
     assert leftovers(object_store, key) == ([], [])
@@ -128,34 +141,19 @@ def test_a_part_failing_midway_leaves_no_object_and_no_open_upload(
 def test_a_part_corrupted_on_its_way_is_refused_and_leaves_nothing(
     object_store, tmp_path: Path
 ) -> None:
-    source = tmp_path / "acq"
-    source.mkdir()
-    (source / "frame.tif").write_bytes(os.urandom(3 * PART))
     key = "images/exp/20260101/000003.tar"
-    client = boto3.client(
-        "s3", endpoint_url=object_store.endpoint_url, region_name=object_store.region
-    )
 
     def flip_a_byte_of_part_2(request, **_) -> None:
         # After botocore computed the part's CRC32 (and payload hash): bytes changed in
         # transit. The store must refuse the part rather than keep other bytes.
-        if "partNumber=2&" in request.url + "&":
+        if is_part_2(request):
             body = bytearray(request.body)
             body[len(body) // 2] ^= 0xFF
             request.body = bytes(body)
 
-    client.meta.events.register("before-send.s3.UploadPart", flip_a_byte_of_part_2)
+    client = client_with_hook(object_store, flip_a_byte_of_part_2)
     with pytest.raises(ClientError) as refused:
-        upload_tar(
-            client,
-            source=source,
-            metadata={"ref_id": "r4"},
-            bucket=object_store.bucket,
-            key=key,
-            object_metadata={},
-            part_size=PART,
-            part_concurrency=2,
-        )
+        upload_one_frame(client, object_store, tmp_path, key, parts=3)
 
     print(f"the store's answer: {refused.value}")
     assert object_store.head(key) is None
