@@ -23,7 +23,7 @@ from dlm_pipelines.purge import DiskLevel, PurgePolicy
 from tests.integration.test_purge import LIFESPAN, Lab
 
 pytestmark = pytest.mark.integration
-EXAMPLES = 100
+EXAMPLES = 200
 DISK_TOTAL = 50_000  # bytes: of the order of a few events, so pressure is often partial
 MISMATCHES = ("object missing", "other bytes", "wrong sha256 metadata", "size changed")
 STATES = ("received", "failed", "exporting", "verified", "needs_attention")
@@ -44,10 +44,10 @@ specs = st.builds(
     # weighted towards what can be deleted, so that most examples delete something
     system=st.sampled_from(["prince", "prince", "tsu-exp002"]),
     state=st.sampled_from([*STATES, "verified", "verified", "verified"]),
-    corruption=st.one_of(
-        st.none(), st.none(), st.none(), st.sampled_from([*MISMATCHES, "changed locally"])
-    ),
-    age_hours=st.floats(0, 14),
+    # a third tampered with, so that alarms are common rather than a rare corner
+    corruption=st.one_of(st.none(), st.none(), st.sampled_from([*MISMATCHES, "changed locally"])),
+    # either side of the 8 h lifespan (hypothesis's floats favour their bounds)
+    age_hours=st.one_of(st.floats(0, 14), st.sampled_from([1.0, 6.0, 9.5, 12.0])),
     size=st.integers(500, 12_000),
     single_file=st.booleans(),
 )
