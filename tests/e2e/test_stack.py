@@ -25,8 +25,11 @@ from tests.integration.helpers import make_event
 pytestmark = pytest.mark.e2e
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float, stack=None) -> Any:
-    """Poll `check` until it returns something truthy; fail with `what` after `timeout`."""
+def wait_for(
+    what: str, check: Callable[[], Any], timeout: float, stack=None, every: float = 1.0
+) -> Any:
+    """Poll `check` every `every` s until it returns something truthy; fail with `what`
+    after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
         result = check()
@@ -37,7 +40,7 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, stack=None) ->
             assert broken is None, f"{broken.name} died:\n{broken.tail()}"
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(1)
+        time.sleep(every)
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +191,9 @@ def test_daemon_killed_mid_batch_exports_every_event_exactly_once(stack, catalog
             root,
             system=("prince", "tsu-exp003")[i % 2],
             experiment_id="e2e-kill",
-            files={f"tile{j}.tif": bytes([i]) * (512 << 10) for j in range(4)},
+            # 32 MB each, so a run's batch takes seconds: the kill below lands mid-batch
+            # even on an idle machine, where 2 MB events were all verified within a poll.
+            files={f"tile{j}.tif": bytes([i]) * (4 << 20) for j in range(8)},
         )
         for i in range(12)
     ]
@@ -198,9 +203,11 @@ def test_daemon_killed_mid_batch_exports_every_event_exactly_once(stack, catalog
         records = catalog.get_many([e["ref_id"] for e in events])
         return any(r.status in (EventStatus.EXPORTING, EventStatus.VERIFIED) for r in records)
 
-    wait_for("the first export to start", exporting, 120, stack)
+    wait_for("the first export to start", exporting, 120, stack, every=0.05)
     daemon = stack.processes["daemon"]
     daemon.kill()  # SIGKILL, mid-batch
+    at_kill = Counter(r.status for r in catalog.get_many([e["ref_id"] for e in events]))
+    print(f"daemon killed with the batch at {dict(at_kill)}")
     assert not verified(catalog, events), "the batch finished before the daemon was killed"
     daemon.start()
     wait_for(
