@@ -3,6 +3,7 @@ objects, so a 500-row page costs one cheap row tuple per event."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast
 
 import sqlalchemy as sa
@@ -14,6 +15,25 @@ from dlm_pipelines.catalog import Archive, ArchiveMember, EventRecord
 EVENTS = cast(sa.Table, EventRecord.__table__)  # type: ignore[attr-defined]
 ARCHIVES = cast(sa.Table, Archive.__table__)  # type: ignore[attr-defined]
 MEMBERS = cast(sa.Table, ArchiveMember.__table__)  # type: ignore[attr-defined]
+
+
+def count_and_page(
+    connection: sa.Connection,
+    table: sa.Table,
+    columns: Sequence[Any],
+    *,
+    where: Sequence[Any],
+    order_by: Sequence[Any],
+    limit: int,
+    offset: int,
+) -> tuple[int, list[Any]]:
+    """What every listing answers: how many rows of `table` match `where` (all pages),
+    and one page of `columns` in `order_by`."""
+    count = connection.scalar(sa.select(sa.func.count()).select_from(table).where(*where))
+    page = connection.execute(
+        sa.select(*columns).where(*where).order_by(*order_by).limit(limit).offset(offset)
+    )
+    return count or 0, list(page.all())
 
 
 class utc_day(FunctionElement[Any]):

@@ -22,7 +22,7 @@ from dlm_api.schemas import (
     ArchiveSummary,
     NameFilter,
 )
-from dlm_api.tables import ARCHIVES, EVENTS, MEMBERS
+from dlm_api.tables import ARCHIVES, EVENTS, MEMBERS, count_and_page
 
 router = APIRouter(tags=["legacy"])
 
@@ -55,16 +55,17 @@ def archive_page(engine: Engine, experiment_id: str | None, offset: int, limit: 
         .scalar_subquery()
     )
     with engine.connect() as connection:
-        count = connection.scalar(sa.select(sa.func.count()).select_from(ARCHIVES).where(*where))
-        rows = connection.execute(
-            sa.select(ARCHIVES, member_count.label("member_count"))
-            .where(*where)
-            .order_by(ARCHIVES.c.created_at.desc(), ARCHIVES.c.id)
-            .limit(limit)
-            .offset(offset)
-        ).all()
+        count, rows = count_and_page(
+            connection,
+            ARCHIVES,
+            (ARCHIVES, member_count.label("member_count")),
+            where=where,
+            order_by=(ARCHIVES.c.created_at.desc(), ARCHIVES.c.id),
+            limit=limit,
+            offset=offset,
+        )
     return ArchivePage(
-        count=count or 0,
+        count=count,
         data=[
             ArchiveSummary(
                 id=row.id,

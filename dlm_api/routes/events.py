@@ -23,7 +23,7 @@ from dlm_api.schemas import (
     PurgeInfo,
     RunInfo,
 )
-from dlm_api.tables import ARCHIVES, EVENTS
+from dlm_api.tables import ARCHIVES, EVENTS, count_and_page
 
 router = APIRouter(tags=["events"])
 audit = logging.getLogger("dlm_api.downloads")
@@ -32,6 +32,20 @@ RefId = Annotated[str, Path(max_length=36, pattern=r"^[0-9A-Fa-f-]+$")]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"description": "No such event (or, for a download, no verified export)."}
 }
+
+
+SUMMARY_COLUMNS = (
+    EVENTS.c.ref_id,
+    EVENTS.c.system,
+    EVENTS.c.experiment_id,
+    EVENTS.c.event_type,
+    EVENTS.c.timestamp,
+    EVENTS.c.status,
+    EVENTS.c.size,
+    EVENTS.c.verified_at,
+    EVENTS.c.purged_at,
+    EVENTS.c.archive_path,
+)
 
 
 def event_url(ref_id: str) -> str:
@@ -61,27 +75,17 @@ async def list_events(services: ServicesDep, search: Annotated[EventSearch, Quer
 
 def event_page(engine: Engine, where: list[Any], limit: int, offset: int) -> EventPage:
     with engine.connect() as connection:
-        count = connection.scalar(sa.select(sa.func.count()).select_from(EVENTS).where(*where))
-        rows = connection.execute(
-            sa.select(
-                EVENTS.c.ref_id,
-                EVENTS.c.system,
-                EVENTS.c.experiment_id,
-                EVENTS.c.event_type,
-                EVENTS.c.timestamp,
-                EVENTS.c.status,
-                EVENTS.c.size,
-                EVENTS.c.verified_at,
-                EVENTS.c.purged_at,
-                EVENTS.c.archive_path,
-            )
-            .where(*where)
-            .order_by(EVENTS.c.timestamp.desc(), EVENTS.c.ref_id)
-            .limit(limit)
-            .offset(offset)
-        ).all()
+        count, rows = count_and_page(
+            connection,
+            EVENTS,
+            SUMMARY_COLUMNS,
+            where=where,
+            order_by=(EVENTS.c.timestamp.desc(), EVENTS.c.ref_id),
+            limit=limit,
+            offset=offset,
+        )
     return EventPage(
-        count=count or 0,
+        count=count,
         data=[
             EventSummary(
                 ref_id=row.ref_id,

@@ -19,7 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from dlm_api.deps import CallerDep, Services, ServicesDep
 from dlm_api.schemas import OFFSET_MAX, ExportItem, ExportPage, UTCDatetime
-from dlm_api.tables import EVENTS
+from dlm_api.tables import EVENTS, count_and_page
 from dlm_pipelines.catalog import utcnow
 from dlm_pipelines.events import EventType
 
@@ -57,15 +57,15 @@ def exports_page(
         EVENTS.c.uploaded_at > start,
         EVENTS.c.uploaded_at < end,
     )
-    count = connection.scalar(sa.select(sa.func.count()).select_from(EVENTS).where(*where))
-    page = connection.execute(
-        sa.select(*EXPORT_COLUMNS)
-        .where(*where)
-        .order_by(EVENTS.c.uploaded_at.desc(), EVENTS.c.ref_id)
-        .limit(limit)
-        .offset(offset)
+    return count_and_page(
+        connection,
+        EVENTS,
+        EXPORT_COLUMNS,
+        where=where,
+        order_by=(EVENTS.c.uploaded_at.desc(), EVENTS.c.ref_id),
+        limit=limit,
+        offset=offset,
     )
-    return count or 0, list(page.all())
 
 
 @router.get("/exports")
