@@ -65,27 +65,20 @@ class Lab:
     ) -> EventRecord:
         """An event in the catalog, received `age` ago, with its data on disk."""
         experiment_id = f"exp-{uuid.uuid4().hex[:8]}"
-        if single_file is None:
-            fields = make_event(
-                self.root,
-                system=system,
-                experiment_id=experiment_id,
-                files=files,
-                local_path=local_path,
-            )
-        else:
+        if single_file is not None:  # a video: one file, written here
             local_path = f"Video/{uuid.uuid4().hex[:8]}.avi"
             path = self.root / system / local_path
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(single_file)
-            fields = make_event(
-                self.root,
-                system=system,
-                experiment_id=experiment_id,
-                local_path=local_path,
-                write=False,
-            )
-            fields["type"] = "video"
+        fields = make_event(
+            self.root,
+            system=system,
+            experiment_id=experiment_id,
+            files=files,
+            local_path=local_path,
+            event_type="stitch" if single_file is None else "video",
+            write=single_file is None,
+        )
         event = parse_imaging_event(fields, SYSTEMS)
         received_at = utcnow() - age
         self.catalog.record_events([(event, "0-1", partition_key_for(event))], received_at)
