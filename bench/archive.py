@@ -34,8 +34,9 @@ import pika
 import sqlalchemy as sa
 from dagster import SensorResult, build_sensor_context, instance_for_test
 
-from dlm_pipelines.catalog import Catalog, EventRecord, get_engine
+from dlm_pipelines.catalog import Catalog, EventRecord
 from dlm_pipelines.definitions import build_definitions
+from dlm_pipelines.dev.postgres import temporary_database
 from dlm_pipelines.events import parse_imaging_event
 from dlm_pipelines.partitions import partition_key_for
 from dlm_pipelines.settings import Settings
@@ -151,11 +152,11 @@ def main(argv: list[str]) -> int:
     if args.reps < 5:
         print("--reps must be at least 5 (paired ratios need repetitions)")
         return 2
-    admin = sa.create_engine(args.postgres_url, isolation_level="AUTOCOMMIT")
-    database = f"dlm_bench_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{database}"'))
-    database_url = args.postgres_url.rsplit("/", 1)[0] + f"/{database}"
+    with temporary_database(args.postgres_url, "dlm_bench_archive") as database_url:
+        return measure(args, database_url)
+
+
+def measure(args: argparse.Namespace, database_url: str) -> int:
     name = f"dlm-bench-archive-{uuid.uuid4().hex[:8]}"
     bare_queue = f"{name}.bare"
     settings = Settings(
@@ -218,7 +219,3 @@ def main(argv: list[str]) -> int:
         for queue in (name, bare_queue, settings.archive_dead_letter_queue):
             channel.queue_delete(queue)
         connection.close()
-        get_engine(database_url).dispose()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-        admin.dispose()

@@ -38,8 +38,9 @@ from typing import Any
 import sqlalchemy as sa
 from dagster import DagsterEventType, instance_for_test
 
-from dlm_pipelines.catalog import Catalog, EventRecord, EventStatus, get_engine, utcnow
+from dlm_pipelines.catalog import Catalog, EventRecord, EventStatus, utcnow
 from dlm_pipelines.definitions import build_definitions
+from dlm_pipelines.dev.postgres import temporary_database
 from dlm_pipelines.dev.seaweedfs import SeaweedFS
 from dlm_pipelines.events import EventMetadata, EventType, ImagingEvent
 from dlm_pipelines.jobs.purge import Purger
@@ -244,44 +245,37 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: kill SeaweedFS, drop db
 
     scratch = Path(tempfile.mkdtemp(prefix="dlm-bench-purge-"))
-    admin = sa.create_engine(args.postgres_url, isolation_level="AUTOCOMMIT")
-    database = f"dlm_bench_{uuid.uuid4().hex[:10]}"
-    database_url = args.postgres_url.rsplit("/", 1)[0] + f"/{database}"
     server = SeaweedFS(scratch / "seaweedfs", ACCESS_KEY, SECRET_KEY)
     try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{database}"'))
-        server.start()
-        settings = Settings(
-            database_url=database_url,
-            s3_endpoint_url=server.endpoint_url,
-            s3_bucket=BUCKET,
-            data_root=scratch / "data",
-            purge_systems="prince",
-            purge_min_free=0,
-            purge_concurrency=concurrency,
-        )
-        catalog = Catalog(database_url=database_url)
-        catalog.migrate()
-        store = ObjectStore(bucket=BUCKET, endpoint_url=server.endpoint_url)
-        store.ensure_bucket()
-        assert server.process is not None
-        bench = Bench(catalog, store, scratch / "data", server.process.pid)
-        seeding = time.perf_counter()
-        bench.seed(args.events)
-        print(
-            f"SeaweedFS {server.endpoint_url}, PostgreSQL {database}; seeded {args.events} "
-            f"verified events in {time.perf_counter() - seeding:.1f} s (not timed below); "
-            f"pool of {concurrency}; load average {os.getloadavg()[0]:.1f}",
-            flush=True,
-        )
-        return run(bench, settings, args)
+        with temporary_database(args.postgres_url, "dlm_bench_purge") as database_url:
+            server.start()
+            settings = Settings(
+                database_url=database_url,
+                s3_endpoint_url=server.endpoint_url,
+                s3_bucket=BUCKET,
+                data_root=scratch / "data",
+                purge_systems="prince",
+                purge_min_free=0,
+                purge_concurrency=concurrency,
+            )
+            catalog = Catalog(database_url=database_url)
+            catalog.migrate()
+            store = ObjectStore(bucket=BUCKET, endpoint_url=server.endpoint_url)
+            store.ensure_bucket()
+            assert server.process is not None
+            bench = Bench(catalog, store, scratch / "data", server.process.pid)
+            seeding = time.perf_counter()
+            bench.seed(args.events)
+            print(
+                f"SeaweedFS {server.endpoint_url}, PostgreSQL {database_url.rsplit('/', 1)[1]}; "
+                f"seeded {args.events} verified events in {time.perf_counter() - seeding:.1f} s "
+                "(not timed below); "
+                f"pool of {concurrency}; load average {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
+            return run(bench, settings, args)
     finally:
         server.stop()
-        get_engine(database_url).dispose()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-        admin.dispose()
         shutil.rmtree(scratch, ignore_errors=True)
 
 
