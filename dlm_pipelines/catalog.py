@@ -8,7 +8,7 @@ purge) racing on one event can never both win.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from datetime import date as date_type
 from functools import cache
@@ -141,7 +141,8 @@ class Archive(SQLModel, table=True):
     event_type: str = Field(max_length=16)  # stitch | video | overview, from the path
     experiment_id: str = Field(index=True, max_length=128)
     created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False, index=True))
-    job_id: str = Field(foreign_key="archive_job.job_id", max_length=64)
+    # None: recovered by reconciliation from an object's archived=true tag, no message.
+    job_id: str | None = Field(default=None, foreign_key="archive_job.job_id", max_length=64)
 
 
 class ArchiveMember(SQLModel, table=True):
@@ -152,6 +153,54 @@ class ArchiveMember(SQLModel, table=True):
     archive_id: str = Field(foreign_key="archive.id", primary_key=True, max_length=36)
     member_key: str = Field(primary_key=True, max_length=1024)  # bucket-prefixed
     ref_id: str | None = Field(default=None, index=True, max_length=36)
+    # archiver: named by a message; reconciled: recovered from the object's tape tag.
+    origin: str = Field(
+        default="archiver",
+        sa_column=Column(sa.String(16), nullable=False, server_default="archiver"),
+    )
+
+
+class ReconcileReport(SQLModel, table=True):
+    """One reconciliation (dlm_pipelines/reconciler.py); ran_at is None while it runs."""
+
+    __tablename__ = "reconcile_report"
+
+    id: int | None = Field(default=None, primary_key=True)
+    started_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    ran_at: datetime | None = _dt(index=True)
+    run_id: str | None = Field(default=None, max_length=64)
+    counts: dict[str, int] = Field(default_factory=dict, sa_column=Column(sa.JSON, nullable=False))
+    scanned: dict[str, int] = Field(default_factory=dict, sa_column=Column(sa.JSON, nullable=False))
+    closed: int = 0
+
+
+class ReconcileFinding(SQLModel, table=True):
+    """A drift between the catalog and a store, open from the first report that saw it
+    until the first report that does not (then open_key is NULL and closed_* are set)."""
+
+    __tablename__ = "reconcile_finding"
+    __table_args__ = (
+        sa.UniqueConstraint("open_key", name="uq_reconcile_finding_open_key"),
+        sa.Index("ix_reconcile_finding_report", "last_report_id", "severity", "kind", "id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    open_key: str | None = Field(default=None, max_length=64)  # sha256 of kind and subject
+    kind: str = Field(max_length=32)
+    severity: str = Field(max_length=16)
+    ref_id: str | None = Field(default=None, max_length=36)
+    key: str | None = Field(default=None, max_length=1024)
+    path: str | None = Field(default=None, max_length=2048)
+    partition_key: str | None = Field(default=None, max_length=96)
+    detail: str = Field(sa_column=Column(sa.Text, nullable=False))
+    first_report_id: int = Field(foreign_key="reconcile_report.id")
+    last_report_id: int = Field(foreign_key="reconcile_report.id")
+    closed_report_id: int | None = Field(
+        default=None, foreign_key="reconcile_report.id", index=True
+    )
+    first_seen_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    last_seen_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    closed_at: datetime | None = _dt()
 
 
 def _rows(name: str, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> Any:
@@ -518,3 +567,281 @@ class Catalog(ConfigurableResource):
         )
         with self.engine.begin() as conn:
             conn.execute(statement)
+
+    # --- reconciliation (dlm_pipelines/reconciler.py) -------------------------------------
+    # Scans stream rows in the stores' own order (server-side cursor, bounded memory);
+    # re-reads take the second catalog snapshot of docs/design.md's reconciliation.
+
+    def _bytewise(self, expression: Any) -> Any:
+        """Order like S3 listings and Python strings (PostgreSQL's locale would not)."""
+        return expression.collate("C") if self.engine.dialect.name == "postgresql" else expression
+
+    def _stream(self, statement: Any, chunk: int = 5000) -> Iterator[Any]:
+        with self.engine.connect() as conn:
+            yield from conn.execution_options(stream_results=True, yield_per=chunk).execute(
+                statement
+            )
+
+    def exports_under(self, bucket: str, prefix: str) -> Iterator[Any]:
+        """Rows holding an object key under `prefix` in `bucket`, in key order."""
+        table = EventRecord.__table__  # type: ignore[attr-defined]
+        return self._stream(
+            sa.select(*RECONCILE_COLUMNS)
+            .where(table.c.bucket == bucket, table.c.object_key.like(prefix + "%"))
+            .order_by(self._bytewise(table.c.object_key))
+        )
+
+    def local_paths(self, system: str) -> Iterator[str]:
+        """The local_path of every event of `system`, in the order of a depth-first walk
+        with sorted names: '/' sorts before any character a name may hold."""
+        table = EventRecord.__table__  # type: ignore[attr-defined]
+        walk_order = sa.func.replace(table.c.local_path, "/", "\x01")
+        rows = self._stream(
+            sa.select(table.c.local_path)
+            .where(table.c.system == system)
+            .order_by(self._bytewise(walk_order))
+        )
+        return (row.local_path for row in rows)
+
+    def in_states(self, statuses: Iterable[str]) -> Iterator[Any]:
+        table = EventRecord.__table__  # type: ignore[attr-defined]
+        return self._stream(sa.select(*RECONCILE_COLUMNS).where(table.c.status.in_(list(statuses))))
+
+    def rows_by_ref(self, ref_ids: Iterable[str]) -> dict[str, Any]:
+        table = EventRecord.__table__  # type: ignore[attr-defined]
+        ids = list(ref_ids)
+        with self.engine.connect() as conn:
+            return {
+                row.ref_id: row
+                for start in range(0, len(ids), 1000)
+                for row in conn.execute(
+                    sa.select(*RECONCILE_COLUMNS).where(
+                        table.c.ref_id.in_(ids[start : start + 1000])
+                    )
+                )
+            }
+
+    def owned_keys(self, bucket: str, keys: Iterable[str]) -> set[str]:
+        """The keys among `keys` that an event of `bucket` holds."""
+        table = EventRecord.__table__  # type: ignore[attr-defined]
+        wanted = list(keys)
+        with self.engine.connect() as conn:
+            return {
+                key
+                for start in range(0, len(wanted), 1000)
+                for key in conn.scalars(
+                    sa.select(table.c.object_key).where(
+                        table.c.bucket == bucket,
+                        table.c.object_key.in_(wanted[start : start + 1000]),
+                    )
+                )
+            }
+
+    def named_paths(self, system: str, paths: Sequence[str]) -> set[str]:
+        """The paths among `paths` that an event of `system` names, lies under or holds."""
+        table = EventRecord.__table__  # type: ignore[attr-defined]
+        named: set[str] = set()
+        with self.engine.connect() as conn:
+            for path in paths:
+                hit = conn.scalar(
+                    sa.select(table.c.ref_id)
+                    .where(
+                        table.c.system == system,
+                        sa.or_(
+                            table.c.local_path == path,
+                            table.c.local_path.startswith(path + "/", autoescape=True),
+                            sa.literal(path).startswith(table.c.local_path + "/"),
+                        ),
+                    )
+                    .limit(1)
+                )
+                if hit is not None:
+                    named.add(path)
+        return named
+
+    def start_report(self, started_at: datetime, run_id: str | None) -> int:
+        with self.session() as session:
+            report = ReconcileReport(started_at=started_at, run_id=run_id)
+            session.add(report)
+            session.commit()
+            assert report.id is not None
+            return report.id
+
+    def record_findings(
+        self, report_id: int, findings: Sequence[dict[str, Any]], seen_at: datetime
+    ) -> None:
+        """Open the new findings, and mark those open already as seen by this report.
+
+        Each dict has open_key, kind, severity, ref_id, key, path, partition_key, detail.
+        """
+        if not findings:
+            return
+        table = ReconcileFinding.__table__  # type: ignore[attr-defined]
+        insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
+        rows = [
+            {
+                **f,
+                "first_report_id": report_id,
+                "last_report_id": report_id,
+                "first_seen_at": seen_at,
+                "last_seen_at": seen_at,
+            }
+            for f in {f["open_key"]: f for f in findings}.values()
+        ]
+        statement = insert(table)
+        statement = statement.on_conflict_do_update(
+            index_elements=["open_key"],
+            set_={
+                "severity": statement.excluded.severity,
+                "detail": statement.excluded.detail,
+                "partition_key": statement.excluded.partition_key,
+                "last_report_id": statement.excluded.last_report_id,
+                "last_seen_at": statement.excluded.last_seen_at,
+            },
+        )
+        with self.engine.begin() as conn:
+            for start in range(0, len(rows), 500):
+                conn.execute(statement, rows[start : start + 500])
+
+    def finish_report(
+        self, report_id: int, counts: dict[str, int], scanned: dict[str, int], ran_at: datetime
+    ) -> int:
+        """Close every open finding this report did not see; returns how many."""
+        findings = ReconcileFinding.__table__  # type: ignore[attr-defined]
+        reports = ReconcileReport.__table__  # type: ignore[attr-defined]
+        with self.engine.begin() as conn:
+            closed = conn.execute(
+                sa.update(findings)
+                .where(findings.c.open_key.is_not(None), findings.c.last_report_id != report_id)
+                .values(open_key=None, closed_report_id=report_id, closed_at=ran_at)
+            ).rowcount
+            conn.execute(
+                sa.update(reports)
+                .where(reports.c.id == report_id)
+                .values(ran_at=ran_at, counts=counts, scanned=scanned, closed=closed)
+            )
+        return int(closed)
+
+    def latest_report(self) -> ReconcileReport | None:
+        with self.session() as session:
+            query = (
+                select(ReconcileReport)
+                .where(col(ReconcileReport.ran_at).is_not(None))
+                .order_by(col(ReconcileReport.id).desc())
+                .limit(1)
+            )
+            return session.exec(query).first()
+
+    def report_partitions(
+        self, report_id: int
+    ) -> tuple[list[tuple[str | None, str, str, int]], list[tuple[str | None, str]]]:
+        """(partition, kind, severity, count) of this report's findings, and
+        (partition, kind) of the findings it closed."""
+        table = ReconcileFinding.__table__  # type: ignore[attr-defined]
+        group = (table.c.partition_key, table.c.kind, table.c.severity)
+        with self.engine.connect() as conn:
+            seen = conn.execute(
+                sa.select(*group, sa.func.count())
+                .where(table.c.last_report_id == report_id)
+                .group_by(*group)
+            )
+            opened = [(p, k, s, n) for p, k, s, n in seen]
+            closed = conn.execute(
+                sa.select(table.c.partition_key, table.c.kind)
+                .where(table.c.closed_report_id == report_id)
+                .distinct()
+            )
+            return opened, [(p, k) for p, k in closed]
+
+    def findings_of(self, report_id: int, partition_key: str | None = None) -> list[Any]:
+        table = ReconcileFinding.__table__  # type: ignore[attr-defined]
+        query = sa.select(table).where(table.c.last_report_id == report_id)
+        if partition_key is not None:
+            query = query.where(table.c.partition_key == partition_key)
+        with self.engine.connect() as conn:
+            return list(conn.execute(query.order_by(table.c.id).limit(10_000)))
+
+    def record_recovered_archives(
+        self, locations: Sequence[tuple[str, str, str, str, str, str]], now: datetime
+    ) -> int:
+        """(ref_id, bucket-prefixed key, archive id, archive path, event type, experiment)
+        of exports whose tape tag says where they are: the archive (without a job), the
+        member with origin "reconciled", and the event's archive_path if it has none.
+        Idempotent, and a no-op for an export that got its location meanwhile."""
+        if not locations:
+            return 0
+        archives = Archive.__table__  # type: ignore[attr-defined]
+        members = ArchiveMember.__table__  # type: ignore[attr-defined]
+        events = EventRecord.__table__  # type: ignore[attr-defined]
+        insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
+        recorded = 0
+        with self.engine.begin() as conn:
+            for ref_id, member_key, archive_id, path, event_type, experiment_id in locations:
+                marked = conn.execute(
+                    sa.update(events)
+                    .where(events.c.ref_id == ref_id, events.c.archive_path.is_(None))
+                    .values(archive_path=path, archived_at=now)
+                ).rowcount
+                if not marked:
+                    continue
+                conn.execute(
+                    insert(archives)
+                    .values(
+                        id=archive_id,
+                        path=path,
+                        event_type=event_type,
+                        experiment_id=experiment_id,
+                        created_at=now,
+                        job_id=None,
+                    )
+                    .on_conflict_do_nothing(index_elements=["id"])
+                )
+                conn.execute(
+                    insert(members)
+                    .values(
+                        archive_id=archive_id, member_key=member_key, ref_id=ref_id,
+                        origin="reconciled",
+                    )
+                    .on_conflict_do_nothing(index_elements=["archive_id", "member_key"])
+                )  # fmt: skip
+                recorded += 1
+        return recorded
+
+    def adopt_export(self, row: dict[str, Any]) -> bool:
+        """Record an export the catalog never saw (a legacy object); False if its ref_id
+        or its key is catalogued already."""
+        table = EventRecord.__table__  # type: ignore[attr-defined]
+        insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
+        try:
+            with self.engine.begin() as conn:
+                done = conn.execute(
+                    insert(table).values(**row).on_conflict_do_nothing(index_elements=["ref_id"])
+                ).rowcount
+        except sa.exc.IntegrityError:  # another event holds the key
+            return False
+        return bool(done)
+
+
+RECONCILE_COLUMNS = tuple(
+    EventRecord.__table__.c[name]  # type: ignore[attr-defined]
+    for name in (
+        "ref_id",
+        "system",
+        "experiment_id",
+        "event_type",
+        "partition_key",
+        "local_path",
+        "status",
+        "received_at",
+        "claimed_at",
+        "attempts",
+        "bucket",
+        "object_key",
+        "size",
+        "sha256",
+        "uploaded_at",
+        "verified_at",
+        "purged_at",
+        "archive_path",
+    )
+)

@@ -92,6 +92,13 @@ class Settings(BaseSettings):
     purge_min_free: float = Field(default=10.0, ge=0, le=100)
     purge_concurrency: int = Field(default=16, ge=1, le=64)  # HEAD checks at once
 
+    # --- reconciliation (jobs/reconcile.py), in DLM_PURGE_TIMEZONE --------------------------
+    reconcile_cron: str = "0 3 * * *"
+    # A folder no event names is reported once nothing in it changed for this long.
+    reconcile_grace: timedelta = Field(default=timedelta(hours=1), ge=timedelta(0))
+    # A verified export with no archive location nor tape tag after this is reported.
+    reconcile_archive_after: timedelta = Field(default=timedelta(days=3), gt=timedelta(0))
+
     # --- the REST API (dlm_api) -----------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
@@ -120,7 +127,9 @@ class Settings(BaseSettings):
             value = [s.strip() for s in value.split(",") if s.strip()]
         return value
 
-    @field_validator("purge_lifespan", mode="before")
+    @field_validator(
+        "purge_lifespan", "reconcile_grace", "reconcile_archive_after", mode="before"
+    )
     @classmethod
     def _lifespan_in_seconds(cls, value: object) -> object:
         # pydantic parses ISO-8601 durations and numbers, but not digits in a string.
