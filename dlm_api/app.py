@@ -26,7 +26,7 @@ from dlm_api.deps import (
     require_caller,
 )
 from dlm_api.presign import Presigner
-from dlm_api.routes import archives, events, exports, stats
+from dlm_api.routes import archives, events, exports, reconciliation, stats
 from dlm_pipelines.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def create_app(
         dependencies=[Depends(require_caller)],
         responses={401: {"description": "Missing or invalid bearer token."}},
     )
-    for module in (exports, archives, stats, events):
+    for module in (exports, archives, stats, events, reconciliation):
         api.include_router(module.router)
     app.include_router(api)
 

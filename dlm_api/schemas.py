@@ -185,3 +185,28 @@ class EventLifecycle(BaseModel):
     archive: ArchiveLocation | None
     purge: PurgeInfo | None
     error: str | None = Field(description="The last export error, if any.")
+
+
+# --- reconciliation ----------------------------------------------------------------------
+
+
+class FindingItem(BaseModel):
+    kind: str = Field(description="object_missing, object_mismatch, object_without_event, ...")
+    severity: str = Field(description="alarm, warning or info")
+    ref_id: str | None
+    key: str | None = Field(description="Object key inside the bucket.")
+    path: str | None = Field(description="<system>/<local path> under the data root.")
+    partition_key: str | None
+    detail: str
+    first_seen_at: AwareDatetime = Field(description="Open since this time (earlier reports).")
+
+
+class ReconciliationReport(BaseModel):
+    report_id: int
+    started_at: AwareDatetime
+    ran_at: AwareDatetime
+    counts: dict[str, int] = Field(description="Findings per kind (all pages).")
+    scanned: dict[str, int]
+    closed: int = Field(description="Findings of earlier reports that this one no longer saw.")
+    count: int = Field(description="Findings matching the filters (all pages).")
+    findings: list[FindingItem]

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     api = sub.add_parser("api", help="serve the REST API (find data, download links)")
     serve.add_arguments(api)
     api.set_defaults(handler=serve.run)
+    from dlm_pipelines import reconcile_command
+
+    reconcile_command.register(sub)
     return parser
 
 

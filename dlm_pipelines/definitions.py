@@ -8,6 +8,11 @@ from dlm_pipelines.assets.raw_export import build_raw_export
 from dlm_pipelines.assets.tape_archive import build_tape_archive
 from dlm_pipelines.catalog import Catalog
 from dlm_pipelines.jobs import build_purge_job, build_purge_schedule
+from dlm_pipelines.jobs.reconcile import (
+    build_reconcile_job,
+    build_reconcile_schedule,
+    build_reconciliation_checks,
+)
 from dlm_pipelines.partitions import export_partitions
 from dlm_pipelines.resources import DataRoot, ObjectStore, RedisStreams
 from dlm_pipelines.resources.rabbitmq import ArchiveQueue
@@ -45,14 +50,19 @@ def build_definitions(settings: Settings) -> Definitions:
     partitions_def = export_partitions(settings)
     raw_export = build_raw_export(partitions_def, settings)
     purge_job = build_purge_job(settings)
+    reconcile_job = build_reconcile_job(settings, partitions_def)
     return Definitions(
         assets=[raw_export, build_tape_archive(partitions_def)],
+        asset_checks=build_reconciliation_checks(partitions_def),
         sensors=[
             build_imaging_event_sensor(settings, raw_export, partitions_def),
             build_archive_sensor(settings, partitions_def),
         ],
-        jobs=[purge_job],
-        schedules=[build_purge_schedule(settings, purge_job)],
+        jobs=[purge_job, reconcile_job],
+        schedules=[
+            build_purge_schedule(settings, purge_job),
+            build_reconcile_schedule(settings, reconcile_job),
+        ],
         resources=build_resources(settings),
         # One process per run: the export parallelises inside the step, and a
         # subprocess per step would add seconds of fixed cost to every run.

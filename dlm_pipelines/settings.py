@@ -127,9 +127,7 @@ class Settings(BaseSettings):
             value = [s.strip() for s in value.split(",") if s.strip()]
         return value
 
-    @field_validator(
-        "purge_lifespan", "reconcile_grace", "reconcile_archive_after", mode="before"
-    )
+    @field_validator("purge_lifespan", "reconcile_grace", "reconcile_archive_after", mode="before")
     @classmethod
     def _lifespan_in_seconds(cls, value: object) -> object:
         # pydantic parses ISO-8601 durations and numbers, but not digits in a string.
