@@ -736,8 +736,10 @@ class Catalog(ConfigurableResource):
         self, report_id: int
     ) -> tuple[list[tuple[str | None, str, str, int]], list[tuple[str | None, str]]]:
         """(partition, kind, severity, count) of this report's findings, and
-        (partition, kind) of the findings it closed."""
+        (partition, kind) of the findings closed since the last report a Dagster run
+        made (`dlm reconcile` closes findings too, but evaluates no asset check)."""
         table = ReconcileFinding.__table__  # type: ignore[attr-defined]
+        reports = ReconcileReport.__table__  # type: ignore[attr-defined]
         group = (table.c.partition_key, table.c.kind, table.c.severity)
         with self.engine.connect() as conn:
             seen = conn.execute(
@@ -746,9 +748,17 @@ class Catalog(ConfigurableResource):
                 .group_by(*group)
             )
             opened = [(p, k, s, n) for p, k, s, n in seen]
+            last_run = conn.scalar(
+                sa.select(sa.func.max(reports.c.id)).where(
+                    reports.c.id < report_id, reports.c.run_id.is_not(None)
+                )
+            )
             closed = conn.execute(
                 sa.select(table.c.partition_key, table.c.kind)
-                .where(table.c.closed_report_id == report_id)
+                .where(
+                    table.c.closed_report_id > (last_run or 0),
+                    table.c.closed_report_id <= report_id,
+                )
                 .distinct()
             )
             return opened, [(p, k) for p, k in closed]

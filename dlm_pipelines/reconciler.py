@@ -318,8 +318,9 @@ class Reconciler:
     @staticmethod
     def _written_after(listed: ListedObject, row: Any) -> bool:
         # The exporter writes the object (and its sha256 copy) before it records the
-        # upload, so an object modified later was replaced. Where a catalogued ETag
-        # exists (custody, issue 12) it decides here without a HEAD.
+        # upload, so an object modified later was replaced. Listings give whole seconds
+        # (SeaweedFS), so a replacement within the upload's second goes unseen until
+        # the catalogued ETag (custody, issue 12) decides here, without a HEAD.
         return bool(row.uploaded_at is not None and listed.last_modified > row.uploaded_at)
 
     def _settle_store(
