@@ -25,9 +25,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import re
 import stat
 import tarfile
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -203,6 +205,49 @@ def list_objects(client: Any, bucket: str, prefix: str) -> Iterator[ListedObject
             )
 
 
+def prefetched(items: Iterator[Any], chunk: int = 1000, depth: int = 4) -> Iterator[Any]:
+    """`items`, produced by a thread up to `depth` chunks ahead: the listing's round trips
+    overlap the catalog reads and comparisons, and memory stays bounded."""
+    chunks: queue.Queue[list[Any] | BaseException | None] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: list[Any] | BaseException | None) -> bool:
+        while not stop.is_set():
+            try:
+                chunks.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            batch: list[Any] = []
+            for item in items:
+                batch.append(item)
+                if len(batch) >= chunk:
+                    if not put(batch):
+                        return
+                    batch = []
+            if put(batch):
+                put(None)
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(exc)
+
+    thread = threading.Thread(target=produce, name="reconcile-listing", daemon=True)
+    thread.start()
+    try:
+        while True:
+            got = chunks.get()
+            if got is None:
+                return
+            if isinstance(got, BaseException):
+                raise got
+            yield from got
+    finally:
+        stop.set()
+
+
 def _merge(
     objects: Iterator[ListedObject], rows: Iterator[Any]
 ) -> Iterator[tuple[ListedObject | None, Any]]:
@@ -277,8 +322,8 @@ class Reconciler:
 
     def _list(self, prefix: str) -> Iterator[ListedObject]:
         if self.listing is not None:
-            return self.listing(prefix)
-        return list_objects(self.client, self.bucket, prefix)
+            return prefetched(self.listing(prefix))
+        return prefetched(list_objects(self.client, self.bucket, prefix))
 
     def scan_store(self, sink: FindingSink, now: datetime) -> None:
         today = now.strftime("%Y%m%d")
