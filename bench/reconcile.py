@@ -181,7 +181,7 @@ def seed_data_root(root: Path) -> None:
 
 def generated_listing(
     prefix: str, *, events: int, objects: int, rate: float | None
-) -> Iterator[Any]:
+) -> Iterator[list[Any]]:
     """The listing of all N objects, in key order; with `rate`, a page of 1,000 keys
     takes as long as the real bucket took for one."""
     from dlm_pipelines.reconciler import ListedObject
@@ -190,12 +190,15 @@ def generated_listing(
         return
     written = datetime.now(UTC) - timedelta(days=11)  # before the catalogued upload
     page_due = time.monotonic()
-    for i in range(events):
-        if rate is not None and i % 1000 == 0:
+    for start in range(0, events, 1000):
+        if rate is not None:
             page_due += 1000 / rate
             time.sleep(max(0.0, page_due - time.monotonic()))
-        if not unlisted(i, objects):
-            yield ListedObject(key(i), OBJECT_BYTES, "etag", written)
+        yield [
+            ListedObject(key(i), OBJECT_BYTES, "etag", written)
+            for i in range(start, min(events, start + 1000))
+            if not unlisted(i, objects)
+        ]
 
 
 # --- one reconciliation in a child process ----------------------------------------------------
@@ -256,10 +259,10 @@ def measure(
 
 
 def list_rate(store: Any) -> tuple[int, float]:
-    from dlm_pipelines.reconciler import PREFIXES, list_objects
+    from dlm_pipelines.reconciler import PREFIXES, list_pages
 
     started = time.perf_counter()
-    listed = sum(1 for prefix in PREFIXES for _ in list_objects(store.client, BUCKET, prefix))
+    listed = sum(len(page) for p in PREFIXES for page in list_pages(store.client, BUCKET, p))
     return listed, time.perf_counter() - started
 
 

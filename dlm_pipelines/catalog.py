@@ -591,17 +591,16 @@ class Catalog(ConfigurableResource):
             .order_by(self._bytewise(table.c.object_key))
         )
 
-    def local_paths(self, system: str) -> Iterator[str]:
-        """The local_path of every event of `system`, in the order of a depth-first walk
+    def local_events(self, system: str) -> Iterator[Any]:
+        """Every event of `system`, in the order of a depth-first walk of local paths
         with sorted names: '/' sorts before any character a name may hold."""
         table = EventRecord.__table__  # type: ignore[attr-defined]
         walk_order = sa.func.replace(table.c.local_path, "/", "\x01")
-        rows = self._stream(
-            sa.select(table.c.local_path)
+        return self._stream(
+            sa.select(*RECONCILE_COLUMNS)
             .where(table.c.system == system)
             .order_by(self._bytewise(walk_order))
         )
-        return (row.local_path for row in rows)
 
     def in_states(self, statuses: Iterable[str]) -> Iterator[Any]:
         table = EventRecord.__table__  # type: ignore[attr-defined]

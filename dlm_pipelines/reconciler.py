@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -192,29 +193,31 @@ class FindingSink:
         self.buffer = []
 
 
-def list_objects(client: Any, bucket: str, prefix: str) -> Iterator[ListedObject]:
-    """The bucket under `prefix`, in key order, a page (1,000 keys) at a time."""
+def list_pages(client: Any, bucket: str, prefix: str) -> Iterator[list[ListedObject]]:
+    """The bucket under `prefix`, in key order, one page (up to 1,000 keys) at a time."""
     paginator = client.get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-        for item in page.get("Contents", []):
-            yield ListedObject(
+        yield [
+            ListedObject(
                 key=item["Key"],
                 size=int(item["Size"]),
                 etag=str(item.get("ETag", "")).strip('"'),
                 last_modified=item["LastModified"],
             )
+            for item in page.get("Contents", [])
+        ]
 
 
-def prefetched(items: Iterator[Any], chunk: int = 1000, depth: int = 4) -> Iterator[Any]:
-    """`items`, produced by a thread up to `depth` chunks ahead: the listing's round trips
-    overlap the catalog reads and comparisons, and memory stays bounded."""
-    chunks: queue.Queue[list[Any] | BaseException | None] = queue.Queue(maxsize=depth)
+def prefetched(pages: Iterator[list[Any]], depth: int = 4) -> Iterator[Any]:
+    """The items of `pages`, fetched by a thread up to `depth` pages ahead: the listing's
+    round trips overlap the catalog reads and comparisons, and memory stays bounded."""
+    ahead: queue.Queue[list[Any] | BaseException | None] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def put(item: list[Any] | BaseException | None) -> bool:
         while not stop.is_set():
             try:
-                chunks.put(item, timeout=0.5)
+                ahead.put(item, timeout=0.5)
                 return True
             except queue.Full:
                 continue
@@ -222,15 +225,10 @@ def prefetched(items: Iterator[Any], chunk: int = 1000, depth: int = 4) -> Itera
 
     def produce() -> None:
         try:
-            batch: list[Any] = []
-            for item in items:
-                batch.append(item)
-                if len(batch) >= chunk:
-                    if not put(batch):
-                        return
-                    batch = []
-            if put(batch):
-                put(None)
+            for page in pages:
+                if not put(page):
+                    return
+            put(None)
         except BaseException as exc:  # handed to the consumer, raised there
             put(exc)
 
@@ -238,7 +236,7 @@ def prefetched(items: Iterator[Any], chunk: int = 1000, depth: int = 4) -> Itera
     thread.start()
     try:
         while True:
-            got = chunks.get()
+            got = ahead.get()
             if got is None:
                 return
             if isinstance(got, BaseException):
@@ -298,9 +296,9 @@ class Reconciler:
     archive_after: timedelta = timedelta(days=3)
     concurrency: int = 16
     run_id: str | None = None
-    # The listing under a prefix; the bucket's own by default (the benchmark feeds a
-    # generated one to measure the rest at scale).
-    listing: Callable[[str], Iterator[ListedObject]] | None = None
+    # The listing under a prefix, in pages; the bucket's own by default (the benchmark
+    # feeds a generated one to measure the rest at scale).
+    listing: Callable[[str], Iterator[list[ListedObject]]] | None = None
 
     def run(self) -> Report:
         started = utcnow()
@@ -321,9 +319,8 @@ class Reconciler:
     # --- catalog ↔ S3 and tape ------------------------------------------------------
 
     def _list(self, prefix: str) -> Iterator[ListedObject]:
-        if self.listing is not None:
-            return prefetched(self.listing(prefix))
-        return prefetched(list_objects(self.client, self.bucket, prefix))
+        pages = self.listing or partial(list_pages, self.client, self.bucket)
+        return prefetched(pages(prefix))
 
     def scan_store(self, sink: FindingSink, now: datetime) -> None:
         today = now.strftime("%Y%m%d")
@@ -486,52 +483,95 @@ class Reconciler:
             base = self.data_root / system
             if not base.is_dir():
                 continue
-            named = _Peek(self.catalog.local_paths(system))
-            candidates: list[tuple[str, float]] = []
-            self._walk(base, "", named, candidates, now, sink)
-            # The second snapshot: an event announced meanwhile names it after all.
-            known = self.catalog.named_paths(system, [p for p, _ in candidates])
-            for path, newest in candidates:
-                if path not in known:
-                    sink.add(
-                        Finding(
-                            Kind.UNANNOUNCED_FOLDER,
-                            f"no event names it; newest file "
-                            f"{datetime.fromtimestamp(newest, UTC).isoformat()}",
-                            path=f"{system}/{path}",
-                        )
+            walk = _Walk(system, base, _Peek(self.catalog.local_events(system)))
+            self._walk(base, "", walk, now, sink)
+            self._settle_disk(walk, sink)
+
+    def _settle_disk(self, walk: _Walk, sink: FindingSink) -> None:
+        """The second snapshot: an event announced meanwhile names a folder after all,
+        and an event re-exported or purged meanwhile has changed nothing."""
+        known = self.catalog.named_paths(walk.system, [p for p, _ in walk.unnamed])
+        for path, newest in walk.unnamed:
+            if path not in known:
+                sink.add(
+                    Finding(
+                        Kind.UNANNOUNCED_FOLDER,
+                        f"no event names it; newest file "
+                        f"{datetime.fromtimestamp(newest, UTC).isoformat()}",
+                        path=f"{walk.system}/{path}",
                     )
+                )
+        fresh = self.catalog.rows_by_ref([row.ref_id for row in walk.changed])
+        for row in walk.changed:
+            again = fresh.get(row.ref_id)
+            if again is None or not _same(row, again):
+                continue
+            detail = self._changed(again, walk.base / row.local_path)
+            if detail is not None:
+                sink.add(
+                    Finding(
+                        Kind.CHANGED_SINCE_EXPORT,
+                        detail,
+                        ref_id=row.ref_id,
+                        path=f"{walk.system}/{row.local_path}",
+                        partition_key=row.partition_key,
+                    )
+                )
+        walk.unnamed, walk.changed = [], []
+
+    @staticmethod
+    def _changed(row: Any, source: Path) -> str | None:
+        """How the local copy differs from what was exported, or None.
+
+        Until the catalog keeps each export's manifest (custody, issue 12), the rule the
+        purge uses: anything under the source modified after the export began. The
+        manifest comparison (names, types, sizes, mtimes) replaces this function.
+        """
+        times = [t for t in (row.claimed_at, row.uploaded_at) if t is not None]
+        if not times:
+            return None
+        try:
+            newest = newest_mtime(source)
+        except FileNotFoundError:
+            return None
+        began = min(times)
+        if newest <= began.timestamp():
+            return None
+        modified = datetime.fromtimestamp(newest, UTC).isoformat()
+        return f"modified {modified}, after the export began {began.isoformat()}"
 
     def _walk(
-        self,
-        folder: Path,
-        prefix: str,
-        named: _Peek,
-        candidates: list[tuple[str, float]],
-        now: datetime,
-        sink: FindingSink,
+        self, folder: Path, prefix: str, walk: _Walk, now: datetime, sink: FindingSink
     ) -> None:
         with os.scandir(folder) as entries:
             children = sorted(entries, key=lambda e: e.name)
+        named = walk.named
         for entry in children:
             path = prefix + entry.name
             order = path.replace("/", "\x01")
             sink.report.scanned["local entries"] += 1
-            while named.head is not None and named.head.replace("/", "\x01") < order:
+            while named.head is not None and named.head.local_path.replace("/", "\x01") < order:
                 named.advance()  # events whose path is not here (source checks elsewhere)
             head = named.head
-            if head == path:  # an event's folder or file: its contents are its own
+            if head is not None and head.local_path == path:
+                # An event's folder or file: its contents are its own.
                 while named.head is not None and (
-                    named.head == path or named.head.startswith(path + "/")
+                    named.head.local_path == path or named.head.local_path.startswith(path + "/")
                 ):
+                    row = named.head
+                    exported = row.status in IN_STORE and not row.purged_at
+                    if row.local_path == path and exported and self._changed(row, Path(entry.path)):
+                        walk.changed.append(row)
                     named.advance()
-            elif head is not None and head.startswith(path + "/"):
+            elif head is not None and head.local_path.startswith(path + "/"):
                 if entry.is_dir(follow_symlinks=False):
-                    self._walk(Path(entry.path), path + "/", named, candidates, now, sink)
+                    self._walk(Path(entry.path), path + "/", walk, now, sink)
             else:
                 newest = newest_mtime(Path(entry.path))
                 if now.timestamp() - newest > self.grace.total_seconds():
-                    candidates.append((path, newest))
+                    walk.unnamed.append((path, newest))
+            if len(walk.unnamed) + len(walk.changed) >= BATCH:
+                self._settle_disk(walk, sink)
 
     # --- the catalog itself --------------------------------------------------------------
 
@@ -596,12 +636,23 @@ class Reconciler:
 class _Peek:
     """An iterator with a look at its next item."""
 
-    def __init__(self, items: Iterator[str]) -> None:
+    def __init__(self, items: Iterator[Any]) -> None:
         self._items = items
-        self.head: str | None = next(items, None)
+        self.head: Any = next(items, None)
 
     def advance(self) -> None:
         self.head = next(self._items, None)
+
+
+@dataclass
+class _Walk:
+    """One system's disk walk: the events in walk order and what it found."""
+
+    system: str
+    base: Path
+    named: _Peek
+    unnamed: list[tuple[str, float]] = field(default_factory=list)  # (path, newest mtime)
+    changed: list[Any] = field(default_factory=list)  # rows whose copy changed, to settle
 
 
 # --- adoption of objects no event owns (legacy exports) ---------------------------------

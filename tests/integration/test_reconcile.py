@@ -10,9 +10,11 @@ import os
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -29,7 +31,7 @@ from dlm_pipelines.definitions import build_definitions
 from dlm_pipelines.events import parse_imaging_event
 from dlm_pipelines.exporter import Exporter
 from dlm_pipelines.partitions import partition_key_for
-from dlm_pipelines.reconciler import Reconciler, list_objects
+from dlm_pipelines.reconciler import Reconciler, list_pages
 from dlm_pipelines.resources import DataRoot, ObjectStore, RedisStreams
 from dlm_pipelines.tape_archive import parse_archive_message, record_archive_messages
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY, load_fixture
@@ -74,7 +76,7 @@ class Site:
         assert record is not None
         return record
 
-    def export(self, record: EventRecord) -> EventRecord:
+    def export(self, record: EventRecord, *, force: bool = False) -> EventRecord:
         exporter = Exporter(
             catalog=self.catalog,
             store=self.store,
@@ -83,7 +85,7 @@ class Site:
             run_id=f"export-{uuid.uuid4().hex[:8]}",
             run_is_alive=lambda _other: False,
         )
-        outcome = exporter.export(record, force=False)
+        outcome = exporter.export(record, force=force)
         assert outcome.exported, outcome
         return self.get(record.ref_id)
 
@@ -235,6 +237,9 @@ def test_each_fault_is_found_shown_and_closed_once_fixed(site: Site, dagster_ins
     tagged = site.exported(timestamp=now - timedelta(days=2))
     site.tag_archived(tagged.object_key)
 
+    edited = site.exported()
+    (site.root / edited.system / edited.local_path / "added-later.tif").write_bytes(b"z")
+
     overdue = site.exported(timestamp=now - timedelta(days=5))
     site.update(overdue.ref_id, verified_at=now - timedelta(days=4))
 
@@ -254,13 +259,14 @@ def test_each_fault_is_found_shown_and_closed_once_fixed(site: Site, dagster_ins
         failed.ref_id: "stuck",
         tagged.ref_id: "archive_recovered",
         overdue.ref_id: "not_archived",
+        edited.ref_id: "changed_since_export",
     }, page["findings"]
     assert page["counts"] == Counter(found.values())
-    assert page["count"] == 8 and page["ran_at"]
+    assert page["count"] == 9 and page["ran_at"]
     severities = {f["kind"]: f["severity"] for f in page["findings"]}
     assert severities["object_missing"] == severities["object_mismatch"] == "alarm"
     assert severities["source_missing"] == severities["stuck"] == "alarm"
-    assert severities["object_without_event"] == "warning"
+    assert severities["object_without_event"] == severities["changed_since_export"] == "warning"
     assert page["findings"][0]["severity"] == "alarm"  # alarms first
     mismatch = next(f for f in page["findings"] if f["kind"] == "object_mismatch")
     assert "sha256" in mismatch["detail"] and mismatch["key"] == overwritten.object_key
@@ -286,7 +292,7 @@ def test_each_fault_is_found_shown_and_closed_once_fixed(site: Site, dagster_ins
         for e in evaluations
         if not e.passed
     }
-    for record in (missing, overwritten, gone, failed):
+    for record in (missing, overwritten, gone, failed, edited):
         assert failed_checks[("raw_export", "reconciled", record.partition_key)] == "ERROR"
     for record in (tagged, overdue):
         assert failed_checks[("tape_archive", "reconciled", record.partition_key)] == "WARN"
@@ -295,7 +301,7 @@ def test_each_fault_is_found_shown_and_closed_once_fixed(site: Site, dagster_ins
     failure = result.failure_data_for_node("reconcile_stores")
     metadata = {k: v.value for k, v in failure.user_failure_data.metadata.items()}
     assert metadata["per kind"] == dict(sorted(Counter(found.values()).items()))
-    assert len(metadata["first findings"].records) == 8
+    assert len(metadata["first findings"].records) == 9
 
     # --- fix every fault; the next report closes them ----------------------------------
     site.put(missing.object_key, *missing_copy)
@@ -307,6 +313,7 @@ def test_each_fault_is_found_shown_and_closed_once_fixed(site: Site, dagster_ins
     for name, content in gone_files.items():
         (gone_folder / name).write_bytes(content)
     site.export(site.get(failed.ref_id))
+    site.export(site.get(edited.ref_id), force=True)  # the S3 copy has the new file now
     message = {
         "job_id": str(uuid.uuid4()),
         "date": now.date().isoformat(),
@@ -335,7 +342,7 @@ def test_each_fault_is_found_shown_and_closed_once_fixed(site: Site, dagster_ins
         if e.passed
     }
     assert ("raw_export", "reconciled_unowned", None) in passed
-    for record in (missing, overwritten, gone, failed):
+    for record in (missing, overwritten, gone, failed, edited):
         assert ("raw_export", "reconciled", record.partition_key) in passed
     for record in (tagged, overdue):
         assert ("tape_archive", "reconciled", record.partition_key) in passed
@@ -390,8 +397,19 @@ def test_work_in_flight_is_never_a_finding(site: Site) -> None:
     archived = site.exported(experiment_id="zzz-archived", timestamp=utcnow() - timedelta(days=5))
     site.update(archived.ref_id, verified_at=utcnow() - timedelta(days=4))
     happened = []
+    snapshot = threading.Event()
+
+    class Watched(Catalog):
+        def exports_under(self, bucket: str, prefix: str) -> Iterator[Any]:
+            rows = super().exports_under(bucket, prefix)
+            first = next(rows, None)  # runs the query: the scan's first catalog snapshot
+            snapshot.set()
+            if first is not None:
+                yield first
+                yield from rows
 
     def in_flight() -> None:
+        assert snapshot.wait(60)
         site.export(landing)
         site.tag_archived(archived.object_key)
         message = {
@@ -407,20 +425,21 @@ def test_work_in_flight_is_never_a_finding(site: Site) -> None:
         record_archive_messages(site.catalog, [parse_archive_message(json.dumps(message))])
         happened.append(True)
 
-    def listing(prefix: str):
-        objects = list_objects(site.store.client, site.store.bucket, prefix)
-        first = next(objects, None)
-        if first is None:
+    def listing(prefix: str) -> Iterator[list[Any]]:
+        """The first object, then, once the catalog's snapshot is taken and the in-flight
+        work happened, the rest of the bucket."""
+        objects = [o for page in list_pages(site.store.client, site.store.bucket, prefix)
+                   for o in page]  # fmt: skip
+        if not objects:
             return
-        yield first  # by now the catalog's snapshot is taken
+        yield objects[:1]
         if prefix == "images/":
             in_flight()
-        for listed in list_objects(site.store.client, site.store.bucket, prefix):
-            if listed.key > first.key:
-                yield listed
+        for page in list_pages(site.store.client, site.store.bucket, prefix):
+            yield [listed for listed in page if listed.key > objects[0].key]
 
     reconciler = Reconciler(
-        catalog=site.catalog,
+        catalog=Watched(database_url=site.catalog.database_url),
         client=site.store.client,
         bucket=site.store.bucket,
         data_root=site.root,
