@@ -166,11 +166,14 @@ def seed_bucket(store: Any, objects: int) -> None:
 
 
 def seed_data_root(root: Path) -> None:
+    """Event folders written before their export, and folders no event names."""
+    hours_ago = time.time() - 7200
     for i in range(LOCAL_FOLDERS):
         folder = root / "prince" / "Images" / experiment(i) / f"{i % 1000:06d}"
         folder.mkdir(parents=True)
         (folder / "img.tif").write_bytes(b"\0")
-    hours_ago = time.time() - 7200
+        for path in (folder / "img.tif", folder):
+            os.utime(path, (hours_ago, hours_ago))
     for n in range(UNANNOUNCED):
         folder = root / "prince" / "Images" / f"zz-unannounced-{n}"
         folder.mkdir(parents=True)
