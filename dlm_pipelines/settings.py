@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     # Never-tried events older than this, with no run waiting, get a run again.
     sensor_sweep_after_seconds: float = Field(default=300.0, gt=0)
 
-    # --- purge of local copies (jobs/purge.py) ---------------------------------------
+    # --- purge of local copies (purger.py) --------------------------------------------
     purge_cron: str = "0 */2 * * *"
     purge_timezone: str = "Europe/Amsterdam"
     # Seconds or ISO-8601 (PT8H), counted from when the event was received.
