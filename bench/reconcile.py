@@ -275,9 +275,9 @@ def main(argv: list[str]) -> int:
     os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET_KEY
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: kill SeaweedFS, drop dbs
 
-    from dlm_pipelines.dev.postgres import temporary_database
     from dlm_pipelines.dev.seaweedfs import SeaweedFS
     from dlm_pipelines.resources import ObjectStore
+    from tests.postgres import temporary_database
 
     scratch = Path(tempfile.mkdtemp(prefix="dlm-bench-reconcile-"))
     server = SeaweedFS(scratch / "seaweedfs", ACCESS_KEY, SECRET_KEY)

@@ -1,28 +1,26 @@
-"""The catalog tables as SQLAlchemy Core tables: the API selects columns, not ORM
-objects, so a 500-row page costs one cheap row tuple per event."""
+"""Query helpers over the catalog's tables (SQLAlchemy Core): the API selects columns,
+not ORM objects, so a 500-row page costs one cheap row tuple per event."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
-from dlm_pipelines.catalog import (
-    Archive,
-    ArchiveMember,
-    EventRecord,
-    ReconcileFinding,
-    ReconcileReport,
-)
+from dlm_pipelines.catalog import ARCHIVES, EVENTS, FINDINGS, MEMBERS, REPORTS
 
-EVENTS = cast(sa.Table, EventRecord.__table__)  # type: ignore[attr-defined]
-ARCHIVES = cast(sa.Table, Archive.__table__)  # type: ignore[attr-defined]
-MEMBERS = cast(sa.Table, ArchiveMember.__table__)  # type: ignore[attr-defined]
-REPORTS = cast(sa.Table, ReconcileReport.__table__)  # type: ignore[attr-defined]
-FINDINGS = cast(sa.Table, ReconcileFinding.__table__)  # type: ignore[attr-defined]
+__all__ = [
+    "ARCHIVES",
+    "EVENTS",
+    "FINDINGS",
+    "MEMBERS",
+    "REPORTS",
+    "count_and_page",
+    "utc_day",
+]
 
 
 def count_and_page(

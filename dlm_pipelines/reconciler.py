@@ -42,9 +42,9 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from dlm_pipelines.archive_locations import archive_id
 from dlm_pipelines.catalog import Catalog, EventStatus, utcnow
 from dlm_pipelines.events import SAFE_SEGMENT_RE, EventMetadata, EventType
-from dlm_pipelines.tape_archive import archive_id
 
 
 class Kind(StrEnum):

@@ -26,6 +26,7 @@ from dagster import DagsterEventType, EventRecordsFilter
 from fastapi.testclient import TestClient
 
 from dlm_api.app import create_app
+from dlm_pipelines.archive_locations import parse_archive_message
 from dlm_pipelines.catalog import Catalog, EventRecord, EventStatus, utcnow
 from dlm_pipelines.definitions import build_definitions
 from dlm_pipelines.events import parse_imaging_event
@@ -33,7 +34,6 @@ from dlm_pipelines.exporter import Exporter
 from dlm_pipelines.partitions import partition_key_for
 from dlm_pipelines.reconciler import Reconciler, list_pages
 from dlm_pipelines.resources import DataRoot, ObjectStore, RedisStreams
-from dlm_pipelines.tape_archive import parse_archive_message, record_archive_messages
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY, load_fixture
 from tests.integration.helpers import make_event, make_settings
 
@@ -324,7 +324,7 @@ def test_each_fault_is_found_shown_and_closed_once_fixed(site: Site, dagster_ins
             }
         ],
     }
-    record_archive_messages(site.catalog, [parse_archive_message(json.dumps(message))])
+    site.catalog.record_archive_messages([parse_archive_message(json.dumps(message))])
     # --adopt: the legacy object is recorded from its metadata.json (dlm reconcile).
     adopted = run_cli(site, "reconcile", "--adopt")
     assert adopted.returncode == 0, adopted.stdout + adopted.stderr
@@ -422,7 +422,7 @@ def test_work_in_flight_is_never_a_finding(site: Site) -> None:
                 }
             ],
         }
-        record_archive_messages(site.catalog, [parse_archive_message(json.dumps(message))])
+        site.catalog.record_archive_messages([parse_archive_message(json.dumps(message))])
         happened.append(True)
 
     def listing(prefix: str) -> Iterator[list[Any]]:
