@@ -100,6 +100,7 @@ NOT_EXPORTED = (
 STUCK_AFTER = timedelta(hours=1)  # received, exporting or failed for longer is stuck
 BATCH = 1000  # candidates settled at once (one catalog re-read, HEADs in the pool)
 FIRST_SHOWN = 100  # findings kept in memory for the report's table
+SCANNED = ("objects", "exports", "local entries", "unexported events")
 
 
 @dataclass(frozen=True)
@@ -303,6 +304,7 @@ class Reconciler:
     def run(self) -> Report:
         started = utcnow()
         report = Report(self.catalog.start_report(started, self.run_id), started)
+        report.scanned.update(dict.fromkeys(SCANNED, 0))  # every count shown, zeros too
         sink = FindingSink(self.catalog, report)
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="reconcile") as pool:
             self._pool = pool

@@ -381,6 +381,7 @@ def test_dlm_reconcile_prints_the_report_and_exits_1_on_an_alarm(site: Site) -> 
     site.store.client.delete_object(Bucket=site.store.bucket, Key=lost.object_key)
     done = run_cli(site, "reconcile")
     assert done.returncode == 1, done.stdout + done.stderr
+    print(done.stdout)  # a sample report (pytest -s)
     assert "1 alarm(s)" in done.stdout
     [line] = [line for line in done.stdout.splitlines() if lost.ref_id in line]
     assert line.startswith("alarm") and "object_missing" in line and lost.object_key in line
