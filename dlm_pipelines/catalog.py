@@ -791,7 +791,14 @@ class Catalog(ConfigurableResource):
                 "severity": statement.excluded.severity,
                 "detail": statement.excluded.detail,
                 "partition_key": statement.excluded.partition_key,
-                "last_report_id": statement.excluded.last_report_id,
+                # Two reports at once (a run and `dlm reconcile`): the newer one's mark stays.
+                "last_report_id": sa.case(
+                    (
+                        statement.excluded.last_report_id > table.c.last_report_id,
+                        statement.excluded.last_report_id,
+                    ),
+                    else_=table.c.last_report_id,
+                ),
                 "last_seen_at": statement.excluded.last_seen_at,
             },
         )
@@ -808,7 +815,8 @@ class Catalog(ConfigurableResource):
         with self.engine.begin() as conn:
             closed = conn.execute(
                 sa.update(findings)
-                .where(findings.c.open_key.is_not(None), findings.c.last_report_id != report_id)
+                # `<`: a newer report running at the same time keeps what it saw open.
+                .where(findings.c.open_key.is_not(None), findings.c.last_report_id < report_id)
                 .values(open_key=None, closed_report_id=report_id, closed_at=ran_at)
             ).rowcount
             conn.execute(
