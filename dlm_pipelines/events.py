@@ -255,6 +255,8 @@ def _metadata_document(text: str) -> dict[str, Any]:
             parse_float=_finite_float,
             parse_int=_bounded_int,
         )
+    except InvalidEvent:
+        raise
     except json.JSONDecodeError as exc:
         raise InvalidEvent(
             f"metadata: not a JSON string ({exc.msg} at position {exc.pos})"
