@@ -94,6 +94,7 @@ UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]
 # A single, portable path segment: no separators, no leading dot, no spaces.
 SAFE_SEGMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 REQUIRED_FIELDS = ("ref_id", "experiment_id", "timestamp", "local_path", "img_count", "metadata")
+KNOWN_FIELDS = frozenset((*REQUIRED_FIELDS, "type", "system"))
 
 # Bounds on what a producer may send (the legacy producers stay far below them).
 MAX_FIELDS = 64
@@ -177,15 +178,19 @@ def _utf8(raw: bytes | str, what: str) -> str:
 
 
 def _text(fields: Mapping[Any, Any] | Iterable[tuple[Any, Any]]) -> dict[str, str]:
-    """The entry's fields as text: each name once, UTF-8, within the size bounds."""
+    """The contract's fields as text: each once, UTF-8, within the size bounds.
+
+    Other fields are ignored whatever their bytes (CONTRACTS §1: unknown fields are
+    allowed); the dead letter, if any, still keeps them.
+    """
     pairs = list(fields.items()) if isinstance(fields, Mapping) else list(fields)
     if len(pairs) > MAX_FIELDS:
         raise InvalidEvent(f"{len(pairs)} fields; at most {MAX_FIELDS}")
     out: dict[str, str] = {}
     for key, value in pairs:
-        name = _utf8(key, "field name")
-        if len(name) > 128:
-            raise InvalidEvent(f"field name {name[:32]!r}...: longer than 128 characters")
+        name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+        if name not in KNOWN_FIELDS:
+            continue
         if name in out:
             raise InvalidEvent(f"field {name!r} appears more than once (ambiguous)")
         limit = MAX_METADATA_BYTES if name == "metadata" else MAX_FIELD_BYTES
