@@ -34,7 +34,11 @@ def trim_streams(
     """Trim the streams; returns the entries removed per stream."""
     bound = retention_bound(now, retention)
     imaging_bound = min(bound, cursor, key=stream_id_key)  # the cursor's entry stays
-    removed = {imaging_stream: int(client.xtrim(imaging_stream, minid=imaging_bound))}
+    # Exact trims (redis-py's default `~` keeps whole radix-tree nodes): the cost is the
+    # entries removed, a tick's worth at a time.
+    removed = {
+        imaging_stream: int(client.xtrim(imaging_stream, minid=imaging_bound, approximate=False))
+    }
     for stream in other_streams:
-        removed[stream] = int(client.xtrim(stream, minid=bound))
+        removed[stream] = int(client.xtrim(stream, minid=bound, approximate=False))
     return removed
