@@ -1,4 +1,4 @@
-"""The imaging-event contract (CONTRACTS §1) and the object key derived from it (§3).
+"""The imaging-event contract (docs/contracts.md §1) and the object key derived from it (§3).
 
 `parse_imaging_event` turns one Redis stream entry, exactly as the legacy
 producers write it, into an `ImagingEvent`, or raises `InvalidEvent` whose
@@ -37,7 +37,7 @@ class EventType(StrEnum):
 
     @property
     def key_prefix(self) -> str:
-        """The first segment of the object key (CONTRACTS §3)."""
+        """The first segment of the object key (docs/contracts.md §3)."""
         return {"stitch": "images", "video": "videos", "overview": "overview"}[self.value]
 
 
@@ -138,7 +138,7 @@ class ImagingEvent(BaseModel):
 
     @property
     def object_key(self) -> str:
-        """`<kind>/<experiment_id>/<YYYYMMDD>/<HHMMSS>.tar`, time in UTC (CONTRACTS §3)."""
+        """`<kind>/<experiment_id>/<YYYYMMDD>/<HHMMSS>.tar`, time in UTC (docs/contracts.md §3)."""
         utc = self.timestamp.astimezone(UTC)
         return f"{self.type.key_prefix}/{self.experiment_id}/{utc:%Y%m%d}/{utc:%H%M%S}.tar"
 
@@ -156,7 +156,7 @@ class ImagingEvent(BaseModel):
         return self.timestamp.astimezone(UTC).date().isoformat()
 
     def tar_metadata(self) -> dict[str, Any]:
-        """The `metadata.json` document stored as the last tar member (CONTRACTS §3)."""
+        """The `metadata.json` document stored as the last tar member (docs/contracts.md §3)."""
         return {
             "ref_id": self.ref_id,
             "experiment_id": self.experiment_id,
@@ -180,7 +180,7 @@ def _utf8(raw: bytes | str, what: str) -> str:
 def _text(fields: Mapping[Any, Any] | Iterable[tuple[Any, Any]]) -> dict[str, str]:
     """The contract's fields as text: each once, UTF-8, within the size bounds.
 
-    Other fields are ignored whatever their bytes (CONTRACTS §1: unknown fields are
+    Other fields are ignored whatever their bytes (docs/contracts.md §1: unknown fields are
     allowed); the dead letter, if any, still keeps them.
     """
     pairs = list(fields.items()) if isinstance(fields, Mapping) else list(fields)
@@ -330,7 +330,7 @@ def parse_imaging_event(
     systems: Collection[str],
     window: TimeWindow | None = None,
 ) -> ImagingEvent:
-    """Validate one stream entry (a mapping, or the raw field pairs) against CONTRACTS §1.
+    """Validate one stream entry (a mapping, or the raw field pairs) against docs/contracts.md §1.
 
     `window` bounds the timestamp; without it any calendar date is accepted.
     """

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from dlm_pipelines.catalog import Catalog, EventStatus
+from dlm_pipelines.catalog import Catalog, EventStatus, migrate
 from dlm_pipelines.definitions import build_definitions
 from dlm_pipelines.dev.seaweedfs import SeaweedFS
 from dlm_pipelines.resources import ObjectStore, RedisStreams
@@ -272,7 +272,7 @@ def test_catalog_postgres_stopped_for_30_s(
     private_postgres, object_store, streams, data_root, dagster_instance
 ) -> None:
     catalog = Catalog(database_url=private_postgres.url)
-    catalog.migrate()
+    migrate(catalog.database_url)
     root = Path(data_root.path)
     dlm = build_definitions(fault_settings(catalog, object_store, streams, data_root))
     pipeline = Pipeline(dlm, dagster_instance, catalog, streams, object_store)
