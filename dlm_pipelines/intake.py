@@ -143,7 +143,7 @@ class Intake:
         try:
             report.new = self.catalog.record_events(items)
             return items
-        except sa.exc.SQLAlchemyError:
+        except Exception:  # the driver refuses some values before PostgreSQL does
             # An outage raises here, and the tick fails as it should; else some row
             # is what the database refuses.
             self.catalog.ping()
@@ -152,7 +152,7 @@ class Intake:
             try:
                 report.new |= self.catalog.record_events([item])
                 kept.append(item)
-            except sa.exc.SQLAlchemyError as exc:
+            except Exception as exc:
                 self.catalog.ping()
                 self._reject(report, item[1], fields_of[item[1]], exc)
         return kept

@@ -153,12 +153,13 @@ def dagster_instance():
         yield instance
 
 
-# Hypothesis profiles: `default` for `make test`; `--hypothesis-profile=long` for a
-# deep run (the intake fuzz takes max(2,000, max_examples) examples).
+# Hypothesis profiles: `ci` (`--hypothesis-profile=ci`) and `long` for a
+# deep run (the intake fuzz takes max(2,000, max_examples) examples; give it
+# `--timeout=3600`).
 from hypothesis import HealthCheck  # noqa: E402
 from hypothesis import settings as hypothesis_settings  # noqa: E402
 
-hypothesis_settings.register_profile("long", max_examples=20_000, deadline=None)
+hypothesis_settings.register_profile("long", max_examples=10_000, deadline=None)
 hypothesis_settings.register_profile(
     "ci", deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
