@@ -128,11 +128,15 @@ class Pipeline:
 
 
 def report(scenario: str, seconds: float, pipeline: Pipeline) -> None:
-    line = (
+    report_line(
         f"fault {scenario}: last export {seconds:.1f} s after recovery; "
         f"{len(pipeline.published)} events, {pipeline.failed_ticks} failed ticks, "
         f"{pipeline.failed_runs} failed runs"
     )
+
+
+def report_line(line: str) -> None:
+    """Printed (pytest -s), and appended to $DLM_FAULT_REPORT when set."""
     print(line)
     log = os.environ.get("DLM_FAULT_REPORT")
     if log:
@@ -353,3 +357,77 @@ def test_run_worker_killed_mid_upload(
     seconds = pipeline.until_done(recovered_at)  # the sweep takes over the dead claim
     pipeline.assert_exactly_once()
     report("run worker kill -9 mid-upload", seconds, pipeline)
+
+
+def test_rabbitmq_unreachable_while_archive_messages_queue_up(
+    catalog, rabbitmq_url, dagster_instance
+) -> None:
+    from dagster import SkipReason
+
+    from dlm_pipelines.resources.archive_queue import ArchiveQueue
+    from dlm_pipelines.settings import Settings
+    from tests.fault.services import free_port
+    from tests.integration.test_archive import (
+        catalogued_export,
+        channel_on,
+        jobs,
+        members,
+        message,
+        publish,
+        ready,
+        summary,
+        tick,
+    )
+
+    name = f"dlm-fault-archive-{uuid.uuid4().hex[:10]}"
+    queue = ArchiveQueue(
+        url=rabbitmq_url, queue=name, dead_letter_queue=f"{name}.dead-letter", timeout_seconds=5
+    )
+    with queue.connect():
+        pass  # declares and binds the queues, as the first tick against the broker did
+
+    def definitions(url: str):
+        return build_definitions(
+            Settings(
+                database_url=catalog.database_url,
+                rabbitmq_url=url,
+                archive_queue=queue.queue,
+                archive_dead_letter_queue=queue.dead_letter_queue,
+                partition_start_date="2026-01-01",
+            )
+        )
+
+    # The sensor's broker address answers nothing (a broker down, a cut network).
+    down = definitions(f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F")
+    up = definitions(rabbitmq_url)
+    try:
+        paths = [f"images/exp-q{i}/20261130.tar" for i in range(6)]
+        keys = {p: f"mycostreams-raw-data/{p.removesuffix('.tar')}/120000.tar" for p in paths}
+        ref_ids = {p: catalogued_export(catalog, keys[p]) for p in paths}
+        job_ids = [str(uuid.uuid4()) for _ in paths]
+        for path, job_id in zip(paths, job_ids, strict=True):  # they queue up meanwhile
+            publish(rabbitmq_url, [message({path: [keys[path]]}, job_id)], queue=queue.queue)
+            result = tick(down, dagster_instance)
+            assert isinstance(result, SkipReason) and "RabbitMQ unavailable" in summary(result)
+        assert ready(rabbitmq_url, queue.queue) == len(paths)
+
+        recovered = time.monotonic()
+        for _ in range(10):
+            if summary(tick(up, dagster_instance)).startswith("no archive notifications"):
+                break
+        seconds = time.monotonic() - recovered
+        assert ready(rabbitmq_url, queue.queue) == 0
+        assert ready(rabbitmq_url, queue.dead_letter_queue) == 0
+        assert sorted(j.job_id for j in jobs(catalog, job_ids)) == sorted(job_ids)  # once each
+        for path in paths:
+            assert members(catalog, path) == {keys[path]: ref_ids[path]}
+        for record in catalog.get_many(list(ref_ids.values())):
+            assert record.archive_path in paths
+        report_line(
+            f"fault RabbitMQ unreachable: last archive message recorded {seconds:.1f} s "
+            f"after recovery; {len(paths)} messages"
+        )
+    finally:
+        with channel_on(rabbitmq_url) as channel:
+            channel.queue_delete(queue.queue)
+            channel.queue_delete(queue.dead_letter_queue)
