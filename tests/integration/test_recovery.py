@@ -5,7 +5,7 @@ are made; old stream entries are trimmed, never one the sensor has not read."""
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -142,3 +142,29 @@ def test_streams_are_trimmed_and_unread_entries_kept(
         assert [f for _, f in streams.client.xrange(stream)] == [{"new": "1"}]
     run_sensor(dlm, dagster_instance, cursor=tick.cursor)
     assert [i for i, _ in streams.client.xrange(imaging)] == ["3000-0"]
+
+
+def test_a_future_dated_event_is_exported_when_its_day_begins(
+    catalog, object_store, streams, data_root, dagster_instance, root
+) -> None:
+    from dagster._core.test_utils import freeze_time  # Dagster's clock, for its partitions
+
+    dlm = recovering_dlm(catalog, object_store, streams, data_root, sensor_sweep_after_seconds=1)
+    later = datetime.now(UTC) + timedelta(days=3)
+    fields = make_event(root, timestamp=later)
+    streams.client.xadd(streams.imaging_event_stream, fields)
+    tick = run_sensor(dlm, dagster_instance)
+    assert tick.run_requests == []  # its day has not begun: no partition yet
+    assert "in the future" in catalog.get(fields["ref_id"]).last_error
+    time.sleep(1.2)
+    assert run_sensor(dlm, dagster_instance, cursor=tick.cursor).run_requests == []
+
+    with freeze_time(later):  # three days on
+        sweep = run_sensor(dlm, dagster_instance, cursor=tick.cursor)
+        assert [r.partition_key for r in sweep.run_requests] == [
+            f"{later.date().isoformat()}|prince"
+        ]
+        assert all(o.success for o in materialize_requests(dlm, dagster_instance, sweep))
+    record = catalog.get(fields["ref_id"])
+    assert record.status == EventStatus.VERIFIED and record.last_error is None
+    assert announced(streams) == [fields["ref_id"]]
