@@ -431,3 +431,67 @@ def test_rabbitmq_unreachable_while_archive_messages_queue_up(
         with channel_on(rabbitmq_url) as channel:
             channel.queue_delete(queue.queue)
             channel.queue_delete(queue.dead_letter_queue)
+
+
+KILLED_TICK = """
+from dagster import DagsterInstance, build_sensor_context
+from dlm_pipelines.definitions import defs
+sensor = defs.get_sensor_def("imaging_event_sensor")
+with build_sensor_context(
+    instance=DagsterInstance.ephemeral(), resources=defs.resources, definitions=defs
+) as context:
+    sensor(context)
+print("the tick finished before it could be killed", flush=True)
+"""
+
+
+def test_daemon_killed_mid_tick(
+    catalog, object_store, streams, data_root, dagster_instance
+) -> None:
+    """The process evaluating the sensor dies mid-batch (dead letters written, the cursor
+    never stored): the next tick reads the batch again and nothing is lost or doubled."""
+    root = Path(data_root.path)
+    settings = fault_settings(catalog, object_store, streams, data_root)
+    dlm = build_definitions(settings)
+    pipeline = Pipeline(dlm, dagster_instance, catalog, streams, object_store)
+    junk_ids = []
+    for i in range(400):
+        if i % 20 == 0:
+            pipeline.publish(root)
+        junk = {**make_event(root, write=False), "timestamp": "not a time"}
+        junk_ids.append(str(streams.client.xadd(streams.imaging_event_stream, junk)))
+    env = {
+        **os.environ,
+        "DLM_DATABASE_URL": settings.database_url,
+        "DLM_S3_ENDPOINT_URL": settings.s3_endpoint_url or "",
+        "DLM_S3_BUCKET": settings.s3_bucket,
+        "DLM_REDIS_URL": settings.redis_url,
+        "DLM_IMAGING_EVENT_STREAM": settings.imaging_event_stream,
+        "DLM_EXPORT_STREAM": settings.export_stream,
+        "DLM_DEAD_LETTER_STREAM": settings.dead_letter_stream,
+        "DLM_DATA_ROOT": str(root),
+        "DLM_PARTITION_START_DATE": "2026-01-01",
+    }
+    daemon = subprocess.Popen(
+        [sys.executable, "-c", KILLED_TICK],
+        env=env,
+        start_new_session=True,
+        text=True,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while streams.client.xlen(streams.dead_letter_stream) < 50:  # mid-batch
+            assert daemon.poll() is None, daemon.stdout.read() if daemon.stdout else ""
+            assert time.monotonic() < deadline, "the tick never started dead-lettering"
+            time.sleep(0.01)
+    finally:
+        os.killpg(daemon.pid, signal.SIGKILL)
+        daemon.wait()
+    assert streams.client.xlen(streams.dead_letter_stream) < len(junk_ids)  # cut short
+    recovered_at = datetime.now(UTC)
+    seconds = pipeline.until_done(recovered_at)  # from the cursor the daemon never stored
+    pipeline.assert_exactly_once()
+    lettered = {f["dlm_source_id"] for _, f in streams.client.xrange(streams.dead_letter_stream)}
+    assert lettered == set(junk_ids)  # each at least once (the cut batch is read again)
+    report("daemon kill -9 mid-tick", seconds, pipeline)
