@@ -8,6 +8,7 @@ idempotent on ref_id.
 from collections import defaultdict
 from datetime import timedelta
 
+import redis
 from dagster import (
     AssetKey,
     AssetObservation,
@@ -100,13 +101,24 @@ def build_imaging_event_sensor(
             if statuses.get(event.ref_id) == EventStatus.RECEIVED:
                 batches[partition_key].append((event.ref_id, stream_id))
 
+        # Failed events due for a retry (and lost announcements): see recovery.py.
+        recovery = Recovery(
+            catalog=catalog,
+            streams=streams,
+            retries=retries,
+            run_is_alive=lambda run_id: run_is_alive(context.instance, run_id),
+        ).sweep(now)
+        _log_recovery(context, recovery)
+
         run_requests: list[RunRequest] = []
         for partition_key, items in batches.items():
             if not partitions_def.has_partition_key(partition_key):
                 continue  # a day that has not begun yet; the sweep picks it up later
             if partition_has_run(context.instance, partition_key, WAITING_RUN_STATUSES):
                 continue  # the queued run takes every pending event when it starts
-            ref_ids = list(dict.fromkeys(ref_id for ref_id, _ in items))
+            # A busy partition gets a request every tick: its due retries ride along.
+            due = recovery.due.get(partition_key, [])
+            ref_ids = list(dict.fromkeys([*(ref_id for ref_id, _ in items), *due]))
             run_requests.append(
                 RunRequest(
                     partition_key=partition_key,
@@ -120,13 +132,6 @@ def build_imaging_event_sensor(
         # was lost (or whose day had not begun), events claimed by a dead run, failed
         # events due for a retry, and verified events never announced.
         _fail_silent_runs(context, stale_after)
-        recovery = Recovery(
-            catalog=catalog,
-            streams=streams,
-            retries=retries,
-            run_is_alive=lambda run_id: run_is_alive(context.instance, run_id),
-        ).sweep(now)
-        _log_recovery(context, recovery)
         requested = {r.partition_key for r in run_requests} | set(batches)
         orphaned = (
             catalog.stale_partitions(now - sweep_after)
@@ -261,7 +266,7 @@ def _trim_alarm(
     """Say loudly if entries after the cursor were trimmed or deleted before we read them."""
     try:
         info = streams.client.xinfo_stream(streams.imaging_event_stream)
-    except Exception:  # the stream does not exist yet
+    except redis.ResponseError:  # the stream does not exist yet; an outage raises
         return []
     deleted = info.get("max-deleted-entry-id") or INITIAL_CURSOR
     if stream_id_key(deleted) <= stream_id_key(cursor):

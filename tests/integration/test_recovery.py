@@ -168,3 +168,29 @@ def test_a_future_dated_event_is_exported_when_its_day_begins(
     record = catalog.get(fields["ref_id"])
     assert record.status == EventStatus.VERIFIED and record.last_error is None
     assert announced(streams) == [fields["ref_id"]]
+
+
+def test_a_due_retry_rides_along_with_new_events_of_its_partition(
+    catalog, object_store, streams, data_root, dagster_instance, root
+) -> None:
+    dlm = recovering_dlm(catalog, object_store, streams, data_root)
+    failing = make_event(root, write=False)
+    streams.client.xadd(streams.imaging_event_stream, failing)
+    tick = run_sensor(dlm, dagster_instance)
+    materialize_requests(dlm, dagster_instance, tick)
+    tick = run_sensor(dlm, dagster_instance, cursor=tick.cursor)  # schedules the retry
+    make_event(root, local_path=failing["local_path"])
+    time.sleep(1.2)
+    # a busy microscope: new events in the same partition every tick
+    fresh = make_event(root)
+    streams.client.xadd(streams.imaging_event_stream, fresh)
+    tick = run_sensor(dlm, dagster_instance, cursor=tick.cursor)
+    (request,) = tick.run_requests
+    assert request.run_config["ops"]["raw_export"]["config"]["ref_ids"] == [
+        fresh["ref_id"],
+        failing["ref_id"],
+    ]
+    assert all(o.success for o in materialize_requests(dlm, dagster_instance, tick))
+    assert {r.status for r in catalog.get_many([fresh["ref_id"], failing["ref_id"]])} == {
+        EventStatus.VERIFIED
+    }
