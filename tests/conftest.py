@@ -153,13 +153,9 @@ def dagster_instance():
         yield instance
 
 
-# Hypothesis profiles: `ci` (`--hypothesis-profile=ci`) and `long` for a
-# deep run (the intake fuzz takes max(2,000, max_examples) examples; give it
-# `--timeout=3600`).
-from hypothesis import HealthCheck  # noqa: E402
+# Hypothesis: `--hypothesis-profile=long` for a deep run of the fuzz tests (the
+# intake fuzz takes max(2,000, max_examples) examples, the archive fuzz half that;
+# give it `--timeout=3600`). `make test` uses hypothesis's defaults.
 from hypothesis import settings as hypothesis_settings  # noqa: E402
 
 hypothesis_settings.register_profile("long", max_examples=10_000, deadline=None)
-hypothesis_settings.register_profile(
-    "ci", deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
