@@ -55,6 +55,16 @@ class RedisStreams(ConfigurableResource):
         client = _bytes_client(self.url)
         return client.xrange(self.imaging_event_stream, min=f"({after}", count=count)
 
+    def max_deleted_imaging_event_id(self) -> str | None:
+        """The highest id ever trimmed or deleted from the imaging stream (None when the
+        stream does not exist). Read undecoded: XINFO returns entries, in any bytes."""
+        try:
+            info = _bytes_client(self.url).xinfo_stream(self.imaging_event_stream)
+        except redis.ResponseError:  # no such stream; an outage raises
+            return None
+        deleted = info.get("max-deleted-entry-id")
+        return deleted.decode() if isinstance(deleted, bytes) else deleted
+
     def first_imaging_event_id(self) -> str | None:
         """The oldest id still in the stream (None when empty)."""
         first = self.client.xrange(self.imaging_event_stream, count=1)

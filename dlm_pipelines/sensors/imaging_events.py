@@ -8,7 +8,6 @@ idempotent on ref_id.
 from collections import defaultdict
 from datetime import timedelta
 
-import redis
 from dagster import (
     AssetKey,
     AssetObservation,
@@ -264,11 +263,7 @@ def _trim_alarm(
     context: SensorEvaluationContext, streams: RedisStreams, cursor: str
 ) -> list[AssetObservation]:
     """Say loudly if entries after the cursor were trimmed or deleted before we read them."""
-    try:
-        info = streams.client.xinfo_stream(streams.imaging_event_stream)
-    except redis.ResponseError:  # the stream does not exist yet; an outage raises
-        return []
-    deleted = info.get("max-deleted-entry-id") or INITIAL_CURSOR
+    deleted = streams.max_deleted_imaging_event_id() or INITIAL_CURSOR
     if stream_id_key(deleted) <= stream_id_key(cursor):
         return []
     message = (

@@ -251,3 +251,18 @@ def test_a_row_the_database_refuses_is_dead_lettered_alone(
     assert {r.ref_id for r in catalog.get_many([f["ref_id"] for f in good])} == {
         f["ref_id"] for f in good
     }
+
+
+def test_the_lost_entries_alarm_works_with_undecodable_entries_in_the_stream(
+    dlm, dagster_instance, streams, root
+) -> None:
+    # XINFO STREAM returns the first and last entries: read undecoded, or the check fails.
+    first = xadd(streams, replace(pairs(make_event(root)), b"local_path", b"caf\xe9"))
+    tick = run_sensor(dlm, dagster_instance)
+    lost = xadd(streams, pairs(make_event(root)))
+    streams.client.xdel(streams.imaging_event_stream, lost)
+    xadd(streams, [(b"x", b"\xff")])
+    result = run_sensor(dlm, dagster_instance, cursor=tick.cursor)
+    assert tick.cursor == first
+    alarms = [e for e in result.asset_events if "alarm" in e.metadata]
+    assert [a.metadata["max_deleted_entry_id"].value for a in alarms] == [lost]
