@@ -591,6 +591,8 @@ class Reconciler:
         base = {"ref_id": row.ref_id, "partition_key": row.partition_key}
         found = []
         since = row.received_at if row.status == EventStatus.RECEIVED else row.claimed_at
+        if row.status == EventStatus.FAILED and row.next_attempt_at is not None:
+            since = row.next_attempt_at  # a retry is scheduled: stuck only once it is overdue
         if row.status == EventStatus.NEEDS_ATTENTION:
             found.append(Finding(Kind.STUCK, "needs_attention: the store does not match the "
                                  "catalog; re-export the partition", **base))  # fmt: skip
