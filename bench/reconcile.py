@@ -110,10 +110,10 @@ def seed_catalog(database_url: str, count: int, objects: int, uploaded: datetime
     """`count` verified events by COPY, 100,000 rows at a time."""
     import sqlalchemy as sa
 
-    from dlm_pipelines.catalog import Catalog
+    from dlm_pipelines.catalog import Catalog, migrate
 
+    migrate(database_url)
     catalog = Catalog(database_url=database_url)
-    catalog.migrate()
     long_ago = datetime.now(UTC) - timedelta(days=10)
     connection = catalog.engine.raw_connection()
     try:
