@@ -30,7 +30,6 @@ import csv
 import io
 import multiprocessing
 import os
-import resource
 import shutil
 import signal
 import sys
@@ -237,11 +236,20 @@ def reconcile_child(
     out.send(
         {
             "seconds": seconds,
-            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_mb": peak_rss_mb(),
             "counts": {str(k): v for k, v in report.counts.items()},
             "scanned": dict(report.scanned),
         }
     )
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS since its exec (VmHWM). Not getrusage's ru_maxrss: that
+    survives execve, so a spawned child would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def measure(
