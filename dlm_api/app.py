@@ -12,7 +12,6 @@ from contextlib import asynccontextmanager
 from botocore.exceptions import NoCredentialsError
 from dagster import DagsterInstance
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import OperationalError
@@ -70,9 +69,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await run_in_threadpool(presigner.start)
         yield
-        presigner.close()
         services.engine.dispose()
 
     # /docs and /redoc with their scripts served from the wheel, not from a CDN: they

@@ -95,8 +95,8 @@ class Settings(BaseSettings):
     # --- the REST API (dlm_api) -----------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
-    # uvicorn worker processes: small requests in parallel. Each signs URLs with a pool
-    # of one process per core (dlm_api/presign.py), so a few workers suffice.
+    # uvicorn worker processes: small requests in parallel. Signing a URL costs a few µs
+    # (dlm_api/presign.py caches the SigV4 key), so one per core suffices.
     api_workers: int = Field(default=2, ge=1, le=64)
     presign_expires: int = Field(default=3600, ge=1, le=7 * 24 * 3600)  # SigV4 max: 7 days
     api_tokens: SecretStr | None = None  # "name:token,name:token"
