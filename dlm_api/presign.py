@@ -89,6 +89,8 @@ class Presigner:
         if credentials is None:
             raise NoCredentialsError()
         frozen = credentials.get_frozen_credentials()  # refreshes expiring ones
+        if frozen.access_key is None or frozen.secret_key is None:
+            raise NoCredentialsError()
         stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
         day = stamp[:8]
         signing = self._signing_key(frozen.secret_key, day)
