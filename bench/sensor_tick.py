@@ -60,7 +60,7 @@ NEW_TARGET_S = 1.0
 IDLE_TARGET_S = 0.1
 CLAIMED = 20  # events held by live export runs
 # the catalog calls of a tick, timed separately
-CATALOG_CALLS = ("record_events", "get_many", "stale_partitions", "claims")
+CATALOG_CALLS = ("record_events", "statuses", "stale_partitions", "claims")
 
 METADATA = json.dumps(
     {

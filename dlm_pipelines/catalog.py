@@ -221,7 +221,9 @@ class Catalog(ConfigurableResource):
     ) -> set[str]:
         """Insert (event, stream id, partition key) rows; returns the ref_ids that were new.
 
-        Idempotent on ref_id: a repeated event keeps its first row.
+        Idempotent on ref_id: a repeated event keeps its first row. One statement (multi-row
+        INSERT ... ON CONFLICT DO NOTHING RETURNING, in batches): the rows it returns are
+        the new ones.
         """
         now = received_at or utcnow()
         rows = [
@@ -247,15 +249,22 @@ class Catalog(ConfigurableResource):
             return set()
         table = EventRecord.__table__  # type: ignore[attr-defined]
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        statement = (
+            dialect.insert(table)
+            .on_conflict_do_nothing(index_elements=["ref_id"])
+            .returning(table.c.ref_id)
+        )
         with self.engine.begin() as conn:
-            existing = set(
-                conn.scalars(
-                    sa.select(table.c.ref_id).where(table.c.ref_id.in_([r["ref_id"] for r in rows]))
-                )
-            )
-            statement = dialect.insert(table).on_conflict_do_nothing(index_elements=["ref_id"])
-            conn.execute(statement, rows)
-        return {str(r["ref_id"]) for r in rows} - existing
+            return {str(ref_id) for ref_id in conn.scalars(statement, rows)}
+
+    def statuses(self, ref_ids: Sequence[str]) -> dict[str, str]:
+        """The status of each of these events the catalog knows."""
+        if not ref_ids:
+            return {}
+        table = EventRecord.__table__  # type: ignore[attr-defined]
+        query = sa.select(table.c.ref_id, table.c.status).where(table.c.ref_id.in_(ref_ids))
+        with self.engine.connect() as conn:
+            return {ref_id: status for ref_id, status in conn.execute(query)}
 
     # --- reads -------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from dagster import (
     sensor,
 )
 
-from dlm_pipelines.assets.raw_export import run_is_alive
+from dlm_pipelines.assets.raw_export import LIVE_RUN_STATUSES
 from dlm_pipelines.catalog import Catalog, EventStatus, utcnow
 from dlm_pipelines.events import ImagingEvent, InvalidEvent, parse_imaging_event
 from dlm_pipelines.partitions import partition_key_for, system_of
@@ -88,9 +88,8 @@ def build_imaging_event_sensor(
             context.log.info(f"{len(duplicates)} repeated ref_id(s), kept once: {duplicates[:10]}")
 
         # Group what still needs exporting by partition; the stream ids name the batch.
-        statuses = {
-            r.ref_id: r.status for r in catalog.get_many([e.ref_id for e, _, _ in accepted])
-        }
+        # New rows are never tried; only a repeated ref_id needs its status read.
+        statuses = dict.fromkeys(new, EventStatus.RECEIVED.value) | catalog.statuses(duplicates)
         batches: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for event, stream_id, partition_key in accepted:
             if statuses.get(event.ref_id) == EventStatus.RECEIVED:
@@ -116,10 +115,10 @@ def build_imaging_event_sensor(
         # was lost (or whose day had not begun), and events claimed by a dead run.
         _fail_silent_runs(context, stale_after)
         requested = {r.partition_key for r in run_requests} | set(batches)
+        claims = catalog.claims()
+        alive = _alive_runs(context, {run_id for _, run_id in claims})
         orphaned = catalog.stale_partitions(utcnow() - sweep_after) + [
-            partition_key
-            for partition_key, run_id in catalog.claims()
-            if not run_is_alive(context.instance, run_id)
+            partition_key for partition_key, run_id in claims if run_id not in alive
         ]
         for partition_key in dict.fromkeys(orphaned):
             if partition_key in requested or not partitions_def.has_partition_key(partition_key):
@@ -168,6 +167,17 @@ def _has_run(
         filters=RunsFilter(statuses=statuses, tags={"dagster/partition": partition_key}), limit=1
     )
     return bool(runs)
+
+
+def _alive_runs(context: SensorEvaluationContext, run_ids: set[str]) -> set[str]:
+    """Those of `run_ids` that may still work on their claims: one instance query a tick
+    (as `run_is_alive` decides for one run)."""
+    if not run_ids:
+        return set()
+    records = context.instance.get_run_records(
+        filters=RunsFilter(run_ids=sorted(run_ids), statuses=list(LIVE_RUN_STATUSES))
+    )
+    return {record.dagster_run.run_id for record in records}
 
 
 def _fail_silent_runs(context: SensorEvaluationContext, stale_after: timedelta) -> None:
