@@ -5,8 +5,10 @@ Dagster only after the run requests are stored, and everything downstream is
 idempotent on ref_id.
 """
 
+import gc
 from collections import defaultdict
 from datetime import timedelta
+from functools import cache
 
 from dagster import (
     AssetKey,
@@ -61,6 +63,7 @@ def build_imaging_event_sensor(
     def imaging_event_sensor(
         context: SensorEvaluationContext, streams: RedisStreams, catalog: Catalog
     ) -> SensorResult:
+        _freeze_long_lived_objects()
         cursor = context.cursor or INITIAL_CURSOR
         observations = _trim_alarm(context, streams, cursor)
         entries = streams.read_imaging_events(cursor, settings.sensor_batch_size)
@@ -149,6 +152,15 @@ def build_imaging_event_sensor(
         )
 
     return imaging_event_sensor
+
+
+@cache
+def _freeze_long_lived_objects() -> None:
+    """At the first tick, move everything the process holds (Dagster, the loaded code
+    location) out of the garbage collector's view, once: a tick of 5,000 entries
+    allocates enough to trigger a full collection, which otherwise walks those ~300,000
+    objects (0.3-0.5 s of a busy tick on the 2-core machine, bench/README.md)."""
+    gc.freeze()
 
 
 def _skip_reason(entries: list, rejected: int, duplicates: list[str]) -> str:
