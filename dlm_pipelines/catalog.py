@@ -78,6 +78,17 @@ class EventRecord(SQLModel, table=True):
             postgresql_where=sa.text("verified_at IS NOT NULL AND object_key IS NOT NULL"),
             sqlite_where=sa.text("verified_at IS NOT NULL AND object_key IS NOT NULL"),
         ),
+        # The imaging sensor's sweep and claims check: only the events in flight
+        # (migration 0007), index-only whatever the catalog's size.
+        sa.Index(
+            "ix_imaging_event_unfinished",
+            "status",
+            "received_at",
+            "partition_key",
+            "run_id",
+            postgresql_where=sa.text("status IN ('received', 'exporting')"),
+            sqlite_where=sa.text("status IN ('received', 'exporting')"),
+        ),
     )
 
     ref_id: str = Field(primary_key=True, max_length=36)

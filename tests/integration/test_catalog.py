@@ -122,3 +122,36 @@ def test_migrations_run_on_sqlite_too(tmp_path: Path) -> None:
     assert catalog.claim(ref_id, "run-a", force=False, run_is_alive=lambda _: True)
     assert catalog.get(ref_id).claimed_at.tzinfo == UTC
     assert catalog.get(ref_id).claimed_at <= datetime.now(UTC)
+
+
+def test_the_sensors_sweep_and_claims_read_only_the_unfinished_index(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    """The sweep and the claims check run every tick: their statements, as the catalog
+    sends them, are answered from the partial index of unfinished events (migration
+    0007), so their cost follows the work in flight, not the catalog's size."""
+    import sqlalchemy as sa
+
+    ref_id = record(catalog, tmp_path)
+    record(catalog, tmp_path)
+    assert catalog.claim(ref_id, "run-a", force=False, run_is_alive=lambda _: True)
+    sent: list[tuple[str, object]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany) -> None:
+        if statement.lstrip().upper().startswith("SELECT DISTINCT"):
+            sent.append((statement, parameters))
+
+    sa.event.listen(catalog.engine, "before_cursor_execute", capture)
+    try:
+        assert catalog.stale_partitions(datetime.now(UTC)) != []
+        assert [run for _, run in catalog.claims()] == ["run-a"]
+    finally:
+        sa.event.remove(catalog.engine, "before_cursor_execute", capture)
+    assert len(sent) == 2
+    with catalog.engine.connect() as conn:
+        conn.exec_driver_sql("SET enable_seqscan = off")  # a tiny table: plan as if large
+        for statement, parameters in sent:
+            plan = "\n".join(
+                row[0] for row in conn.exec_driver_sql(f"EXPLAIN {statement}", parameters)
+            )
+            assert "Index Only Scan using ix_imaging_event_unfinished" in plan, plan
