@@ -48,8 +48,8 @@ from dagster import DagsterRunStatus, SensorResult, build_sensor_context, instan
 
 from dlm_pipelines.catalog import Catalog, get_engine, migrate
 from dlm_pipelines.definitions import build_definitions
-from dlm_pipelines.dev.postgres import temporary_database
 from dlm_pipelines.settings import Settings
+from tests.postgres import temporary_database
 
 ADMIN_URL = os.environ.get(
     "DLM_BENCH_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"

@@ -73,7 +73,7 @@ class Exporter:
             result = self.store.upload_tar(
                 source=source, metadata=event.tar_metadata(), key=key, ref_id=ref_id
             )
-            self.store.verify(key, size=result.size, sha256=result.sha256, ref_id=ref_id)
+            self.store.verify_object(key, size=result.size, sha256=result.sha256, ref_id=ref_id)
             uploaded_at = self.catalog.mark_verified(
                 ref_id, self.run_id, size=result.size, sha256=result.sha256
             )

@@ -14,7 +14,6 @@ from dagster import (
     AssetKey,
     AssetObservation,
     AssetsDefinition,
-    DagsterRunStatus,
     DefaultSensorStatus,
     MultiPartitionsDefinition,
     RunRequest,
@@ -25,16 +24,19 @@ from dagster import (
     sensor,
 )
 
-from dlm_pipelines.assets.raw_export import LIVE_RUN_STATUSES
 from dlm_pipelines.catalog import Catalog, EventStatus, utcnow
+from dlm_pipelines.dagster_runs import (
+    RUNNING_STATUSES,
+    WAITING_RUN_STATUSES,
+    alive_runs,
+    partition_has_run,
+)
 from dlm_pipelines.events import ImagingEvent, InvalidEvent, parse_imaging_event
 from dlm_pipelines.partitions import partition_key_for, system_of
 from dlm_pipelines.resources import RedisStreams
 from dlm_pipelines.settings import Settings
 
 INITIAL_CURSOR = "0-0"
-WAITING_RUN_STATUSES = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED]
-RUNNING_STATUSES = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
 # Every raw_export run carries this tag (multi-partition runs get one per dimension).
 SYSTEM_PARTITION_TAG = "dagster/partition/system"
 
@@ -102,7 +104,7 @@ def build_imaging_event_sensor(
         for partition_key, items in batches.items():
             if not partitions_def.has_partition_key(partition_key):
                 continue  # a day that has not begun yet; the sweep picks it up later
-            if _has_run(context, partition_key, WAITING_RUN_STATUSES):
+            if partition_has_run(context.instance, partition_key, WAITING_RUN_STATUSES):
                 continue  # the queued run takes every pending event when it starts
             ref_ids = list(dict.fromkeys(ref_id for ref_id, _ in items))
             run_requests.append(
@@ -119,14 +121,14 @@ def build_imaging_event_sensor(
         _fail_silent_runs(context, stale_after)
         requested = {r.partition_key for r in run_requests} | set(batches)
         claims = catalog.claims()
-        alive = _alive_runs(context, {run_id for _, run_id in claims})
+        alive = alive_runs(context.instance, {run_id for _, run_id in claims})
         orphaned = catalog.stale_partitions(utcnow() - sweep_after) + [
             partition_key for partition_key, run_id in claims if run_id not in alive
         ]
         for partition_key in dict.fromkeys(orphaned):
             if partition_key in requested or not partitions_def.has_partition_key(partition_key):
                 continue
-            if _has_run(context, partition_key, WAITING_RUN_STATUSES):
+            if partition_has_run(context.instance, partition_key, WAITING_RUN_STATUSES):
                 continue
             requested.add(partition_key)
             context.log.warning(f"{partition_key}: events nobody is exporting; requesting a run")
@@ -170,26 +172,6 @@ def _skip_reason(entries: list, rejected: int, duplicates: list[str]) -> str:
         f"{len(entries)} entr(ies) read, none needs a new run ({rejected} dead-lettered, "
         f"{len(duplicates)} repeated; others wait for a queued run)"
     )
-
-
-def _has_run(
-    context: SensorEvaluationContext, partition_key: str, statuses: list[DagsterRunStatus]
-) -> bool:
-    runs = context.instance.get_run_records(
-        filters=RunsFilter(statuses=statuses, tags={"dagster/partition": partition_key}), limit=1
-    )
-    return bool(runs)
-
-
-def _alive_runs(context: SensorEvaluationContext, run_ids: set[str]) -> set[str]:
-    """Those of `run_ids` that may still work on their claims: one instance query a tick
-    (as `run_is_alive` decides for one run)."""
-    if not run_ids:
-        return set()
-    records = context.instance.get_run_records(
-        filters=RunsFilter(run_ids=sorted(run_ids), statuses=list(LIVE_RUN_STATUSES))
-    )
-    return {record.dagster_run.run_id for record in records}
 
 
 def _fail_silent_runs(context: SensorEvaluationContext, stale_after: timedelta) -> None:

@@ -56,7 +56,7 @@ def test_the_signer_configures_boto3_like_the_object_store() -> None:
 )
 def test_urls_equal_boto3s_for_a_fixed_clock(endpoint, region, monkeypatch) -> None:
     at = datetime(2026, 12, 1, 23, 59, 58, tzinfo=UTC)
-    store = ObjectStore(bucket="mycostreams-raw-data", endpoint_url=endpoint, region=region)
+    store = ObjectStore(bucket="mycostreams-raw-data", endpoint_url=endpoint, region_name=region)
     signer = Presigner(endpoint, region, expires_in=900)
     ours = signer.many([(store.bucket, key) for key in KEYS], now=at)
     theirs = [boto3_url(store, key, 900, at, monkeypatch) for key in KEYS]
