@@ -69,7 +69,8 @@ class Exporter:
             event = event_from_record(record)
             source = self.data_root.source(event.system, event.local_path)
             key = self._choose_key(record, event)
-            self.store.abort_incomplete_uploads(key)
+            if record.attempts:  # only an earlier attempt can have left parts behind
+                self.store.abort_incomplete_uploads(key)
             result = self.store.upload_tar(
                 source=source, metadata=event.tar_metadata(), key=key, ref_id=ref_id
             )

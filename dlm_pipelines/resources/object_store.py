@@ -93,7 +93,10 @@ class ObjectStore(ResourceWithS3Configuration):
             object_metadata={REF_ID_META: ref_id},
             part_size=self.part_size_mib << 20,
             part_concurrency=self.part_concurrency,
+            sha256_metadata_key=SHA256_META,
         )
+        if result.sha256_in_metadata:  # a one-part tar: put whole, with its sha256
+            return result
         # The sha256 is known only once the last byte is sent: add it to the object's
         # metadata with an in-place copy (metadata only on SeaweedFS and AWS).
         new_metadata = {REF_ID_META: ref_id, SHA256_META: result.sha256}
