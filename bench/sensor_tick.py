@@ -235,8 +235,10 @@ class CallTimer:
 def tick(defs: Any, instance: Any, cursor: str | None, timer: CallTimer) -> tuple[Any, float, dict]:
     sensor = defs.resolve_sensor_def("imaging_event_sensor")
     timer.spent.clear()
+    # only the sensor's own resources, as Dagster's code server builds them for a tick
+    resources = {k: v for k, v in defs.resources.items() if k in sensor.required_resource_keys}
     with build_sensor_context(
-        instance=instance, cursor=cursor, resources=defs.resources, definitions=defs
+        instance=instance, cursor=cursor, resources=resources, definitions=defs
     ) as context:
         started, cpu = time.perf_counter(), time.process_time()
         result = sensor(context)
