@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dagster import Definitions, in_process_executor
+import os
+from urllib.parse import urlsplit
+
+from dagster import Definitions, EnvVar, in_process_executor
 
 from dlm_pipelines.assets.raw_export import build_raw_export
 from dlm_pipelines.assets.tape_archive import build_tape_archive
@@ -16,9 +19,26 @@ from dlm_pipelines.sensors.imaging_events import build_imaging_event_sensor
 from dlm_pipelines.settings import Settings, get_settings
 
 
+def from_environment(variable: str, value: str) -> str | EnvVar:
+    """A URL with a password as resource config that names its variable, not its value.
+
+    Dagster OSS shows every resource's configured values, without a login, on the
+    UI's Resources page and in GraphQL: an `EnvVar` shows only `DLM_..._URL`. The
+    value may have come from `.env` or explicit Settings rather than the process
+    environment, so it is put there; the run workers this process starts inherit it.
+    """
+    if urlsplit(value).password is None:
+        return value
+    os.environ[variable] = value
+    return EnvVar(variable)
+
+
 def build_resources(settings: Settings) -> dict[str, object]:
+    rabbitmq_url = settings.rabbitmq_url
     return {
-        "catalog": Catalog(database_url=settings.database_url),
+        "catalog": Catalog(
+            database_url=from_environment("DLM_DATABASE_URL", settings.database_url)
+        ),
         "object_store": ObjectStore(
             bucket=settings.s3_bucket,
             endpoint_url=settings.s3_endpoint_url,
@@ -27,14 +47,14 @@ def build_resources(settings: Settings) -> dict[str, object]:
             part_concurrency=settings.export_part_concurrency,
         ),
         "streams": RedisStreams(
-            url=settings.redis_url,
+            url=from_environment("DLM_REDIS_URL", settings.redis_url),
             imaging_event_stream=settings.imaging_event_stream,
             export_stream=settings.export_stream,
             dead_letter_stream=settings.dead_letter_stream,
         ),
         "data_root": DataRoot(path=str(settings.data_root.absolute())),
         "archive_queue": ArchiveQueue(
-            url=settings.rabbitmq_url,
+            url=rabbitmq_url and from_environment("DLM_RABBITMQ_URL", rabbitmq_url),
             queue=settings.archive_queue,
             dead_letter_queue=settings.archive_dead_letter_queue,
         ),

@@ -27,9 +27,10 @@ SECRETS = (
     "S3_ACCESS_KEY",
     "S3_SECRET_KEY",
     "DLM_API_TOKENS",
+    "DAGSTER_UI_PASSWORD_HASH",
 )
 DAGSTER_SERVICES = ("code-server", "webserver", "daemon")
-LONG_RUNNING = ("postgres", "redis", "rabbitmq", "s3", *DAGSTER_SERVICES, "api")
+LONG_RUNNING = ("postgres", "redis", "rabbitmq", "s3", *DAGSTER_SERVICES, "ui-proxy", "api")
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +184,22 @@ def test_every_setting_in_dotenv_reaches_the_dlm_services(tmp_path: Path) -> Non
         assert env.get("DLM_PURGE_LIFESPAN") == "P2D", name
     assert env_of(services["code-server"])["DLM_DATA_ROOT"] == "/data"
     assert env_of(services["api"])["DLM_API_TOKENS"] == DUMMY_SECRETS["DLM_API_TOKENS"]
+
+
+def test_the_ui_is_published_only_behind_a_login(tmp_path: Path) -> None:
+    """Dagster OSS has no login and its UI launches forced re-exports and purges."""
+    bcrypt = "$2a$14$Zkx19XLiW6VYouLHR5NmfOFU0z2GTNmpkT/5qqR7hx4IjWJPDhjvG"
+    result = run_config(tmp_path, {}, {**DUMMY_SECRETS, "DAGSTER_UI_PASSWORD_HASH": f"'{bcrypt}'"})
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    published = {n for n, s in services.items() if s.get("ports")}
+    assert "webserver" not in published
+    proxy = services["ui-proxy"]
+    assert proxy["ports"] == ["127.0.0.1:3000:3000/tcp"]
+    # the hash arrives intact (a `$` interpolated away would lock everyone out);
+    # `config` writes a literal `$` as `$$`
+    assert env_of(proxy)["DAGSTER_UI_PASSWORD_HASH"].replace("$$", "$") == bcrypt
+    caddyfile = (ROOT / "deploy/Caddyfile").read_text()
+    assert "basic_auth" in caddyfile and "{$DAGSTER_UI_PASSWORD_HASH}" in caddyfile
+    assert "reverse_proxy webserver:3000" in caddyfile
+    assert any(v.endswith(":/etc/caddy/Caddyfile:ro") for v in proxy["volumes"])
