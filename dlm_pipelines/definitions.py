@@ -13,21 +13,24 @@ from dlm_pipelines.catalog import Catalog
 from dlm_pipelines.jobs import build_purge_job, build_purge_schedule
 from dlm_pipelines.partitions import export_partitions
 from dlm_pipelines.resources import DataRoot, ObjectStore, RedisStreams
+from dlm_pipelines.resources.alerts import Alerts
 from dlm_pipelines.resources.rabbitmq import ArchiveQueue
+from dlm_pipelines.sensors.alerts import build_alert_sensor
 from dlm_pipelines.sensors.archive import build_archive_sensor
 from dlm_pipelines.sensors.imaging_events import build_imaging_event_sensor
 from dlm_pipelines.settings import Settings, get_settings
 
 
-def from_environment(variable: str, value: str) -> str | EnvVar:
+def from_environment(variable: str, value: str, secret: bool = False) -> str | EnvVar:
     """A URL with a password as resource config that names its variable, not its value.
 
     Dagster OSS shows every resource's configured values, without a login, on the
     UI's Resources page and in GraphQL: an `EnvVar` shows only `DLM_..._URL`. The
     value may have come from `.env` or explicit Settings rather than the process
     environment, so it is put there; the run workers this process starts inherit it.
+    `secret`: the whole value is one (a webhook URL holds its token in the path).
     """
-    if urlsplit(value).password is None:
+    if not secret and urlsplit(value).password is None:
         return value
     os.environ[variable] = value
     return EnvVar(variable)
@@ -53,6 +56,10 @@ def build_resources(settings: Settings) -> dict[str, object]:
             dead_letter_stream=settings.dead_letter_stream,
         ),
         "data_root": DataRoot(path=str(settings.data_root.absolute())),
+        "alert_webhook": Alerts(
+            webhook_url=settings.alert_webhook_url
+            and from_environment("DLM_ALERT_WEBHOOK_URL", settings.alert_webhook_url, secret=True)
+        ),
         "archive_queue": ArchiveQueue(
             url=rabbitmq_url and from_environment("DLM_RABBITMQ_URL", rabbitmq_url),
             queue=settings.archive_queue,
@@ -70,6 +77,7 @@ def build_definitions(settings: Settings) -> Definitions:
         sensors=[
             build_imaging_event_sensor(settings, raw_export, partitions_def),
             build_archive_sensor(settings, partitions_def),
+            build_alert_sensor(settings),
         ],
         jobs=[purge_job],
         schedules=[build_purge_schedule(settings, purge_job)],

@@ -158,6 +158,12 @@ class Settings(BaseSettings):
     api_allow_anonymous: bool = False  # only for legacy clients behind a trusted proxy
     dagster_ui_url: HttpUrl = "http://127.0.0.1:3000"
 
+    # --- alerts (alerts.py) ------------------------------------------------------------
+    # Slack-, Mattermost- or Teams-compatible incoming webhook; unset: no alerts are sent.
+    alert_webhook_url: HttpUrl | None = Field(
+        default=None, examples=["https://hooks.slack.com/services/T000/B000/XXXX"]
+    )
+
     @field_validator("systems", mode="before")
     @classmethod
     def _split_systems(cls, value: object) -> object:
@@ -202,7 +208,7 @@ class Settings(BaseSettings):
         return self
 
 
-SECRET_FIELDS = frozenset({"api_tokens", "aws_secret_access_key"})
+SECRET_FIELDS = frozenset({"api_tokens", "aws_secret_access_key", "alert_webhook_url"})
 
 
 class SettingsError(ValueError):

@@ -23,11 +23,13 @@ from dagster import (
     sensor,
 )
 
+from dlm_pipelines import alerts
 from dlm_pipelines.assets.raw_export import run_is_alive
 from dlm_pipelines.catalog import Catalog, EventStatus, utcnow
 from dlm_pipelines.events import ImagingEvent, InvalidEvent, parse_imaging_event
 from dlm_pipelines.partitions import partition_key_for, system_of
 from dlm_pipelines.resources import RedisStreams
+from dlm_pipelines.resources.alerts import Alerts
 from dlm_pipelines.settings import Settings
 
 INITIAL_CURSOR = "0-0"
@@ -59,14 +61,17 @@ def build_imaging_event_sensor(
         asset_selection=[raw_export],
     )
     def imaging_event_sensor(
-        context: SensorEvaluationContext, streams: RedisStreams, catalog: Catalog
+        context: SensorEvaluationContext,
+        streams: RedisStreams,
+        catalog: Catalog,
+        alert_webhook: Alerts,
     ) -> SensorResult:
         cursor = context.cursor or INITIAL_CURSOR
         observations = _trim_alarm(context, streams, cursor)
         entries = streams.read_imaging_events(cursor, settings.sensor_batch_size)
 
         accepted: list[tuple[ImagingEvent, str, str]] = []
-        rejected = 0
+        reasons: list[str] = []
         for stream_id, fields in entries:
             try:
                 event = parse_imaging_event(fields, systems)
@@ -78,10 +83,19 @@ def build_imaging_event_sensor(
             except InvalidEvent as exc:
                 streams.dead_letter(stream_id, fields, str(exc))
                 context.log.warning(f"dead-lettered {stream_id}: {exc}")
-                rejected += 1
+                reasons.append(str(exc))
                 continue
             accepted.append((event, stream_id, partition_key_for(event)))
 
+        rejected = len(reasons)
+        if reasons:  # one alert per tick, however many entries it rejected
+            alert_webhook.send(
+                alerts.dead_letters(
+                    source=streams.imaging_event_stream,
+                    destination=streams.dead_letter_stream,
+                    reasons=reasons,
+                )
+            )
         new = catalog.record_events(accepted)
         duplicates = [event.ref_id for event, _, _ in accepted if event.ref_id not in new]
         if duplicates:
