@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     deployment.add_arguments(setup)
     setup.set_defaults(handler=deployment.run)
+    from dlm_pipelines import health
+
+    status = sub.add_parser(
+        "status", help="backlog, failures, dead letters, purges, disk, services (exit 1: look)"
+    )
+    health.add_arguments(status)
+    status.set_defaults(handler=health.run)
     from dlm_api import serve
 
     api = sub.add_parser("api", help="serve the REST API (find data, download links)")

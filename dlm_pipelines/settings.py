@@ -156,6 +156,8 @@ class Settings(BaseSettings):
     )
     api_tokens_file: Path | None = None  # one "name:token" per line; '#' starts a comment
     api_allow_anonymous: bool = False  # only for legacy clients behind a trusted proxy
+    # true: GET /metrics answers without a token (a Prometheus on a trusted network)
+    metrics_allow_anonymous: bool = False
     dagster_ui_url: HttpUrl = "http://127.0.0.1:3000"
 
     # --- alerts (alerts.py) ------------------------------------------------------------
@@ -229,18 +231,20 @@ def variable_of(field: str) -> str:
     return f"DLM_{field.upper()}"
 
 
-def _shown(field: str, value: Any) -> str:
-    """The offending value as an operator may see it: no secret, no URL password."""
-    if field in SECRET_FIELDS:
-        return "'***'"
-    text = str(value)
+def without_password(text: str) -> str:
+    """A URL as it may be shown: its password, if any, as `***`."""
     try:
         password = urlsplit(text).password
     except ValueError:
         password = None
-    if password:
-        text = text.replace(f":{password}@", ":***@", 1)
-    return repr(text)
+    return text.replace(f":{password}@", ":***@", 1) if password else text
+
+
+def _shown(field: str, value: Any) -> str:
+    """The offending value as an operator may see it: no secret, no URL password."""
+    if field in SECRET_FIELDS:
+        return "'***'"
+    return repr(without_password(str(value)))
 
 
 def _example(field: str) -> str | None:
