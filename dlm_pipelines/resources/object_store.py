@@ -6,6 +6,7 @@ never appear in Dagster's resource config.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -77,9 +78,16 @@ class ObjectStore(ConfigurableResource):
         return aborted
 
     def upload_tar(
-        self, *, source: Path, metadata: dict[str, Any], key: str, ref_id: str
+        self,
+        *,
+        source: Path,
+        metadata: dict[str, Any],
+        key: str,
+        ref_id: str,
+        on_progress: Callable[[int], None] | None = None,
     ) -> UploadResult:
-        """Stream the tar of `source` to `key`, then record its sha256 on the object."""
+        """Stream the tar of `source` to `key`, then record its sha256 on the object.
+        `on_progress` gets the size of each part once S3 has it."""
         result = upload_tar(
             self.client,
             source=source,
@@ -89,6 +97,7 @@ class ObjectStore(ConfigurableResource):
             object_metadata={REF_ID_META: ref_id},
             part_size=self.part_size_mib << 20,
             part_concurrency=self.part_concurrency,
+            on_progress=on_progress,
         )
         # The sha256 is known only once the last byte is sent: add it to the object's
         # metadata with an in-place copy (metadata only on SeaweedFS and AWS).
