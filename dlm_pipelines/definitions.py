@@ -17,6 +17,7 @@ from dlm_pipelines.resources.alerts import Alerts
 from dlm_pipelines.resources.rabbitmq import ArchiveQueue
 from dlm_pipelines.sensors.alerts import build_alert_sensor
 from dlm_pipelines.sensors.archive import build_archive_sensor
+from dlm_pipelines.sensors.empty_partitions import build_empty_partition_sensor
 from dlm_pipelines.sensors.imaging_events import build_imaging_event_sensor
 from dlm_pipelines.settings import Settings, get_settings
 
@@ -78,6 +79,7 @@ def build_definitions(settings: Settings) -> Definitions:
             build_imaging_event_sensor(settings, raw_export, partitions_def),
             build_archive_sensor(settings, partitions_def),
             build_alert_sensor(settings),
+            build_empty_partition_sensor(settings),
         ],
         jobs=[purge_job],
         schedules=[build_purge_schedule(settings, purge_job)],

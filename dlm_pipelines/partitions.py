@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from datetime import date, datetime, timedelta
+
+import sqlalchemy as sa
 from dagster import (
     DailyPartitionsDefinition,
     MultiPartitionKey,
@@ -9,6 +13,7 @@ from dagster import (
     StaticPartitionsDefinition,
 )
 
+from dlm_pipelines.catalog import EventRecord
 from dlm_pipelines.events import ImagingEvent
 from dlm_pipelines.settings import Settings
 
@@ -34,3 +39,30 @@ def partition_key_for(event: ImagingEvent) -> str:
 
 def system_of(partition_key: str) -> str:
     return partition_key.split("|", 1)[1]
+
+
+# A day is closed this long after it ended (UTC): late events of a day still arrive.
+CLOSE_AFTER = timedelta(hours=1)
+
+
+def days_to_close(
+    last_closed: date | None, first_day: date, now: datetime, limit: int
+) -> list[date]:
+    """The days after `last_closed` (from `first_day`) that ended CLOSE_AFTER ago, oldest
+    first, at most `limit` of them."""
+    closable = (now - CLOSE_AFTER).date() - timedelta(days=1)
+    day = max(first_day, last_closed + timedelta(days=1) if last_closed else first_day)
+    days: list[date] = []
+    while day <= closable and len(days) < limit:
+        days.append(day)
+        day += timedelta(days=1)
+    return days
+
+
+def partitions_with_events(engine: sa.Engine, keys: Iterable[str]) -> set[str]:
+    """Which of these partition keys hold at least one catalogued event."""
+    keys = list(keys)
+    column = EventRecord.__table__.c.partition_key  # type: ignore[attr-defined]
+    with engine.connect() as connection:
+        found = connection.scalars(sa.select(column).where(column.in_(keys)).distinct())
+        return set(found)
