@@ -66,7 +66,8 @@ def test_dagster_runs_on_postgres_with_one_daemon_and_the_code_server(compose: d
         assert "deploy/workspace.docker.yaml" in services[name]["command"]
     for name in (*DAGSTER_SERVICES, "api", "setup"):
         env = env_of(services[name])
-        assert env["DLM_DAGSTER_POSTGRES_URL"].startswith("postgresql://")
+        # the driver the image has (SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3)
+        assert env["DLM_DAGSTER_POSTGRES_URL"].startswith("postgresql+psycopg2://")
         # the same rule as `make dev` picks the instance file: PostgreSQL storage
         assert instance_config(ROOT, env["DLM_DAGSTER_POSTGRES_URL"]).name == POSTGRES_CONFIG
         assert "dagster-home:/opt/dagster/home" in services[name]["volumes"]
