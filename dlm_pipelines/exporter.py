@@ -115,7 +115,7 @@ class Exporter:
                 ref_id=ref_id,
                 on_progress=self.progress.sent if self.progress else None,
             )
-            self.store.verify(key, size=result.size, sha256=result.sha256, ref_id=ref_id)
+            self.store.verify_object(key, size=result.size, sha256=result.sha256, ref_id=ref_id)
             uploaded_at = self.catalog.mark_verified(
                 ref_id, self.run_id, size=result.size, sha256=result.sha256
             )

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import boto3
 import pika
@@ -25,10 +25,9 @@ import sqlalchemy as sa
 from botocore.config import Config
 from sqlalchemy.engine import Engine
 
-from dlm_pipelines.catalog import EventRecord, EventStatus, get_engine, utcnow
-from dlm_pipelines.settings import Settings, without_password
+from dlm_pipelines.catalog import EVENTS, EventStatus, get_engine, utcnow
+from dlm_pipelines.settings import Settings, hide_password
 
-EVENTS = cast(sa.Table, EventRecord.__table__)  # type: ignore[attr-defined]
 # Not yet in S3: waiting, in flight, or failed (and to be retried or swept).
 BACKLOG = (EventStatus.RECEIVED, EventStatus.EXPORTING, EventStatus.FAILED)
 # An event that waited this long for its export means the pipeline is stuck.
@@ -210,7 +209,7 @@ def collect(
 
     def catalog() -> str:
         systems.update(catalog_by_system(get_engine(settings.database_url), settings.systems))
-        return without_password(settings.database_url)
+        return hide_password(settings.database_url)
 
     def redis_streams() -> str:
         client = redis.Redis.from_url(
@@ -219,7 +218,7 @@ def collect(
         )  # fmt: skip
         client.ping()
         dead_letters.append(stream_dead_letters(client, settings.dead_letter_stream, at))
-        return without_password(settings.redis_url)
+        return hide_password(settings.redis_url)
 
     def object_store() -> str:
         client = boto3.session.Session().client(
@@ -251,7 +250,7 @@ def collect(
         finally:
             if connection.is_open:
                 connection.close()
-        return without_password(settings.rabbitmq_url)
+        return hide_password(settings.rabbitmq_url)
 
     services = [check("catalog", catalog), check("redis", redis_streams)]
     services.append(check("s3", object_store))

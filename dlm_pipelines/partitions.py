@@ -1,4 +1,4 @@
-"""Export partitions: UTC day × system (see DESIGN.md for why not one per event)."""
+"""Export partitions: UTC day × system (see docs/design.md for why not one per event)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dagster import (
     StaticPartitionsDefinition,
 )
 
-from dlm_pipelines.catalog import EventRecord
+from dlm_pipelines.catalog import EVENTS
 from dlm_pipelines.events import ImagingEvent
 from dlm_pipelines.settings import Settings
 
@@ -62,7 +62,7 @@ def days_to_close(
 def partitions_with_events(engine: sa.Engine, keys: Iterable[str]) -> set[str]:
     """Which of these partition keys hold at least one catalogued event."""
     keys = list(keys)
-    column = EventRecord.__table__.c.partition_key  # type: ignore[attr-defined]
+    column = EVENTS.c.partition_key
     with engine.connect() as connection:
         found = connection.scalars(sa.select(column).where(column.in_(keys)).distinct())
         return set(found)

@@ -12,7 +12,7 @@ from datetime import date, timedelta
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo
 
 from pydantic import (
@@ -56,6 +56,15 @@ PostgresUrl = Annotated[str, AfterValidator(url_with("postgresql", "postgres"))]
 RedisUrl = Annotated[str, AfterValidator(url_with("redis", "rediss", "unix", host=False))]
 AmqpUrl = Annotated[str, AfterValidator(url_with("amqp", "amqps"))]
 HttpUrl = Annotated[str, AfterValidator(url_with("http", "https"))]
+
+
+def hide_password(url: str) -> str:
+    """The URL with its password replaced by `***`, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def default_dagster_home() -> Path:
@@ -128,7 +137,7 @@ class Settings(BaseSettings):
     # Never-tried events older than this, with no run waiting, get a run again.
     sensor_sweep_after_seconds: float = Field(default=300.0, gt=0)
 
-    # --- purge of local copies (jobs/purge.py) ---------------------------------------
+    # --- purge of local copies (purger.py) --------------------------------------------
     purge_cron: str = "0 */2 * * *"
     purge_timezone: str = "Europe/Amsterdam"
     # Seconds or ISO-8601 (PT8H), counted from when the event was received.
@@ -231,20 +240,16 @@ def variable_of(field: str) -> str:
     return f"DLM_{field.upper()}"
 
 
-def without_password(text: str) -> str:
-    """A URL as it may be shown: its password, if any, as `***`."""
-    try:
-        password = urlsplit(text).password
-    except ValueError:
-        password = None
-    return text.replace(f":{password}@", ":***@", 1) if password else text
-
-
 def _shown(field: str, value: Any) -> str:
     """The offending value as an operator may see it: no secret, no URL password."""
     if field in SECRET_FIELDS:
         return "'***'"
-    return repr(without_password(str(value)))
+    text = str(value)
+    try:
+        return repr(hide_password(text))
+    except ValueError:  # not even a URL (a bad port): hide what looks like a password
+        password = text.partition("@")[0].rpartition(":")[2] if "@" in text else ""
+        return repr(text.replace(f":{password}@", ":***@", 1) if password else text)
 
 
 def _example(field: str) -> str | None:

@@ -253,7 +253,7 @@ class _TarFile(tarfile.TarFile):
 
 
 def write_tar(source: Path, metadata: dict[str, Any], target: Any) -> None:
-    """The tar layout of CONTRACTS §3, written to any object with `write` and `tell`.
+    """The tar layout of docs/contracts.md §3, written to any object with `write` and `tell`.
 
     A folder gives members `.` and `./<relative path>` (sorted, symlinks stored as
     links, never followed); a single file gives `<file name>`. `./metadata.json`

@@ -24,12 +24,12 @@ import redis
 import yaml
 
 from dlm_pipelines.catalog import Catalog, EventStatus
-from dlm_pipelines.dev.postgres import temporary_database
 from dlm_pipelines.dev.processes import ManagedProcess
 from dlm_pipelines.dev.seaweedfs import free_port_block
 from tests.conftest import POSTGRES_ADMIN_URL, REDIS_URL, TEST_ACCESS_KEY, TEST_SECRET_KEY
 from tests.integration.helpers import make_event
 from tests.integration.webserver import LOCATION_QUERY, graphql
+from tests.postgres import temporary_database
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from dlm_pipelines.dev.deployment import prepare_dagster_home
+from dlm_pipelines.deployment import prepare_dagster_home
 
 ROOT = Path(__file__).resolve().parents[2]
 REPOSITORY = {"repositoryLocationName": "dlm", "repositoryName": "__repository__"}

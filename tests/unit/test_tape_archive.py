@@ -1,4 +1,4 @@
-"""The archive-notification contract (CONTRACTS §4): real samples parse, every way a
+"""The archive-notification contract (docs/contracts.md §4): real samples parse, every way a
 message can be wrong gets a reason that names the field."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from datetime import date
 
 import pytest
 
-from dlm_pipelines.tape_archive import (
+from dlm_pipelines.archive_locations import (
     ARCHIVE_ID_NAMESPACE,
     InvalidArchiveMessage,
     archive_id,
