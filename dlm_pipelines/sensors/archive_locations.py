@@ -23,6 +23,7 @@ from dagster import (
     sensor,
 )
 
+from dlm_pipelines import alerts
 from dlm_pipelines.archive_locations import (
     ArchiveMessage,
     InvalidArchiveMessage,
@@ -30,6 +31,7 @@ from dlm_pipelines.archive_locations import (
 )
 from dlm_pipelines.assets.archive_locations import TAPE_ARCHIVE
 from dlm_pipelines.catalog import Catalog, RecordedJob
+from dlm_pipelines.resources.alerts import Alerts
 from dlm_pipelines.resources.archive_queue import ArchiveQueue, BrokerError, Delivery
 from dlm_pipelines.settings import Settings
 
@@ -41,6 +43,7 @@ TICK_BUDGET_SECONDS = 30.0
 class Tick:
     jobs: list[RecordedJob] = field(default_factory=list)
     dead_lettered: int = 0
+    dead_letter_reasons: list[str] = field(default_factory=list)
     stopped_by: str | None = None  # why the batch ended early
 
     @property
@@ -76,7 +79,10 @@ def build_archive_sensor(
         default_status=DefaultSensorStatus.RUNNING,
     )
     def archive_sensor(
-        context: SensorEvaluationContext, archive_queue: ArchiveQueue, catalog: Catalog
+        context: SensorEvaluationContext,
+        archive_queue: ArchiveQueue,
+        catalog: Catalog,
+        alert_webhook: Alerts,
     ) -> SensorResult | SkipReason:
         if not archive_queue.url:
             return SkipReason("DLM_RABBITMQ_URL is not set: archive notifications are not read")
@@ -91,6 +97,7 @@ def build_archive_sensor(
                     except InvalidArchiveMessage as exc:
                         inbox.dead_letter(delivery, str(exc))
                         tick.dead_lettered += 1
+                        tick.dead_letter_reasons.append(str(exc))
                         context.log.warning(f"dead-lettered to {inbox.dead_letter_queue}: {exc}")
                     if time.monotonic() > deadline:
                         tick.stopped_by = f"tick budget of {TICK_BUDGET_SECONDS:.0f} s used"
@@ -106,6 +113,14 @@ def build_archive_sensor(
                 return SkipReason(f"RabbitMQ unavailable, retrying next tick: {exc}")
             context.log.warning(f"{exc}; messages not acked stay queued for the next tick")
             tick.stopped_by = str(exc)
+        if tick.dead_letter_reasons:  # one alert per tick, however many it dead-lettered
+            alert_webhook.send(
+                alerts.dead_letters(
+                    source=archive_queue.queue,
+                    destination=archive_queue.dead_letter_queue,
+                    reasons=tick.dead_letter_reasons,
+                )
+            )
         return SensorResult(
             asset_events=materializations(context, tick.jobs, partitions_def),
             skip_reason=tick.summary(archive_queue.queue),

@@ -23,6 +23,10 @@ from tests.integration.helpers import (
     materialize_requests,
     run_sensor,
 )
+from tests.integration.test_archive import archive_queue  # noqa: F401 - a fixture
+from tests.integration.test_archive import definitions as archive_definitions
+from tests.integration.test_archive import publish as publish_archive
+from tests.integration.test_archive import tick as archive_tick
 
 pytestmark = pytest.mark.integration
 TODAY = datetime.now(UTC).date().isoformat()
@@ -176,6 +180,24 @@ def test_a_purge_alarm_is_announced_once(
     assert "sha256" in alert["dlm"]["alarms"][tampered["ref_id"]]
     assert alert["text"].startswith("DLM: purge ALARM, 1 event(s) whose S3 object does not match")
     assert alert["dlm"]["link"].endswith(f"/runs/{purge.run_id}")
+
+
+def test_archive_dead_letters_are_one_alert_per_tick(
+    catalog,
+    archive_queue,
+    dagster_instance,
+    receiver,  # noqa: F811 - the imported fixture
+) -> None:
+    defs = archive_definitions(catalog, archive_queue, alert_webhook_url=receiver.url)
+    bad = [b"not json {", b'["a list"]', b"also not json"]
+    publish_archive(archive_queue.url or "", bad, queue=archive_queue.queue)
+    archive_tick(defs, dagster_instance)
+    archive_tick(defs, dagster_instance)  # nothing new: no second alert
+    (alert,) = receiver.bodies
+    assert alert["dlm"]["alert"] == "dead_letters" and alert["dlm"]["count"] == 3
+    assert alert["dlm"]["source"] == archive_queue.queue
+    assert alert["dlm"]["destination"] == archive_queue.dead_letter_queue
+    assert "body is not JSON" in alert["text"]
 
 
 def test_a_webhook_that_is_down_or_hangs_never_blocks(receiver) -> None:
