@@ -184,9 +184,9 @@ def test_a_purge_alarm_is_announced_once(
 
 def test_archive_dead_letters_are_one_alert_per_tick(
     catalog,
-    archive_queue,
+    archive_queue,  # noqa: F811 - the fixture imported from test_archive
     dagster_instance,
-    receiver,  # noqa: F811 - the imported fixture
+    receiver,
 ) -> None:
     defs = archive_definitions(catalog, archive_queue, alert_webhook_url=receiver.url)
     bad = [b"not json {", b'["a list"]', b"also not json"]

@@ -23,6 +23,8 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = {
         "DLM_DATABASE_URL": f"postgresql+psycopg2://dlm:{PASSWORD}@127.0.0.1:1/dlm",
         "DLM_REDIS_URL": f"redis://:{PASSWORD}@127.0.0.1:1/0",
+        # a webhook URL is a secret as a whole: its token is in the path
+        "DLM_ALERT_WEBHOOK_URL": f"https://hooks.example/services/{PASSWORD}",
     }
     with webserver(tmp_path_factory.mktemp("dagster-home"), cwd, env) as url:
         yield url
@@ -45,7 +47,9 @@ def test_resources_show_the_variable_not_the_password(ui: str) -> None:
         r["name"]: {v["key"]: v for v in r["configuredValues"]}
         for r in data["allTopLevelResourceDetailsOrError"]["results"]
     }
-    assert {"catalog", "streams", "archive_queue", "object_store"} <= set(resources)
+    assert {"catalog", "streams", "archive_queue", "object_store", "alert_webhook"} <= set(
+        resources
+    )
     assert resources["catalog"]["database_url"] == {
         "key": "database_url",
         "value": "DLM_DATABASE_URL",
@@ -53,6 +57,7 @@ def test_resources_show_the_variable_not_the_password(ui: str) -> None:
     }
     assert resources["streams"]["url"]["value"] == "DLM_REDIS_URL"
     assert resources["archive_queue"]["url"]["value"] == "DLM_RABBITMQ_URL"
+    assert resources["alert_webhook"]["webhook_url"]["value"] == "DLM_ALERT_WEBHOOK_URL"
 
 
 def test_no_job_offers_a_password_in_its_default_config(ui: str) -> None:
