@@ -26,15 +26,13 @@ def from_environment(variable: str, value: str, secret: bool = False) -> str | E
     """A URL with a password as resource config that names its variable, not its value.
 
     Dagster OSS shows every resource's configured values, without a login, on the
-    UI's Resources page and in GraphQL: an `EnvVar` shows only `DLM_..._URL`. The
-    value may have come from `.env` or explicit Settings rather than the process
-    environment, so it is put there; the run workers this process starts inherit it.
+    UI's Resources page and in GraphQL: an `EnvVar` shows only `DLM_..._URL`.
+    `get_settings` puts `.env` into the environment, so every deployed value is
+    there; only Settings built in code (tests, benchmarks) stay literal.
     `secret`: the whole value is one (a webhook URL holds its token in the path).
     """
-    if not secret and urlsplit(value).password is None:
-        return value
-    os.environ[variable] = value
-    return EnvVar(variable)
+    hidden = secret or urlsplit(value).password is not None
+    return EnvVar(variable) if hidden and os.environ.get(variable) == value else value
 
 
 def build_resources(settings: Settings) -> dict[str, object]:

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo
 
+from dotenv import load_dotenv
 from pydantic import (
     AfterValidator,
     AliasChoices,
@@ -296,5 +297,8 @@ def load_settings(**overrides: Any) -> Settings:
 
 @cache
 def get_settings() -> Settings:
-    """The process-wide settings, read once."""
+    """The process-wide settings, read once. `.env` is loaded into the environment
+    first (without overriding it), so the processes this one starts, and Dagster's
+    EnvVar, see the same values."""
+    load_dotenv(".env", override=False)
     return load_settings()
