@@ -99,7 +99,10 @@ router = APIRouter(tags=["operations"])
     "/metrics",
     response_class=Response,
     dependencies=[Depends(require_metrics_caller)],
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"},
+        401: {"description": "Missing or invalid bearer token (see DLM_METRICS_ALLOW_ANONYMOUS)."},
+    },
 )
 async def metrics(services: ServicesDep) -> Response:
     instance = services.run_statuses.instance()
