@@ -1,4 +1,4 @@
-"""Alerts: one POST to a chat webhook when an operator must act (docs/design.md).
+"""Alerts: one POST to a chat webhook when an operator must act.
 
 The body is `{"text": ...}`, which Slack, Mattermost and Teams incoming webhooks
 all show, plus the same facts as structured fields under `"dlm"` for anything

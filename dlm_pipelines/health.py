@@ -34,6 +34,7 @@ BACKLOG = (EventStatus.RECEIVED, EventStatus.EXPORTING, EventStatus.FAILED)
 BACKLOG_ATTENTION_AGE = timedelta(hours=1)
 DEAD_LETTER_WINDOW = timedelta(hours=24)
 PURGE_JOB = "purge"
+RECONCILE_JOB = "reconcile"  # issue 14 (docs/design.md, "Planned"); not run yet: "never"
 
 
 @dataclass
@@ -77,6 +78,7 @@ class StatusReport:
     systems: list[SystemStatus]
     dead_letters: list[DeadLetters]
     last_purge: datetime | None
+    last_reconciliation: datetime | None
     services: list[ServiceCheck]
     min_free_percent: float
     attention: list[str] = field(default_factory=list)
@@ -200,7 +202,9 @@ def judge(report: StatusReport) -> StatusReport:
 
 
 def collect(
-    settings: Settings, last_purge: Callable[[], datetime | None], timeout: float = 5.0
+    settings: Settings,
+    last_success: Callable[[str], datetime | None],
+    timeout: float = 5.0,
 ) -> StatusReport:
     """Everything `dlm status` shows, each store asked once, none waited on for long."""
     at = utcnow()
@@ -260,15 +264,16 @@ def collect(
         services.append(ServiceCheck("rabbitmq", None, "not configured (DLM_RABBITMQ_URL)"))
     read_disks(settings.data_root.absolute(), systems)
     try:
-        purged = last_purge()
+        purged, reconciled = last_success(PURGE_JOB), last_success(RECONCILE_JOB)
     except Exception as exc:  # Dagster's storage down: say so, show the rest
         services.append(ServiceCheck("dagster", False, f"{type(exc).__name__}: {exc}"))
-        purged = None
+        purged = reconciled = None
     report = StatusReport(
         at=at,
         systems=list(systems.values()),
         dead_letters=dead_letters,
         last_purge=purged,
+        last_reconciliation=reconciled,
         services=services,
         min_free_percent=settings.purge_min_free,
     )
@@ -323,10 +328,12 @@ def render(report: StatusReport) -> str:
         label = "dead letters" if i == 0 else ""
         count = (f"{d.last_24h} in the last 24 h ({d.total} in all)" if d.last_24h is not None
                  else f"{d.total} waiting")  # fmt: skip
-        lines.append(f"{label:<13} {d.where}: {count}")
-    lines.append(
-        f"{'last purge':<13} {_ago(report.last_purge, report.at) if report.last_purge else 'never'}"
-    )
+        lines.append(f"{label:<15} {d.where}: {count}")
+    for label, at in (
+        ("last purge", report.last_purge),
+        ("last reconcile", report.last_reconciliation),
+    ):
+        lines.append(f"{label:<15} {_ago(at, report.at) if at else 'never'}")
     lines.append("")
     for service in report.services:
         state = {True: "ok", False: "DOWN", None: "--"}[service.ok]
@@ -340,11 +347,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="the same facts as JSON")
 
 
-def last_successful_run(job_name: str, instance: Any = None) -> Callable[[], datetime | None]:
-    """When the newest successful run of `job_name` ended, per the Dagster instance
-    (`instance`, or the one DAGSTER_HOME names, opened for the call)."""
+def last_successful_run(instance: Any = None) -> Callable[[str], datetime | None]:
+    """When the newest successful run of a job ended, per the Dagster instance
+    (`instance`, or the one DAGSTER_HOME names, opened for each call)."""
 
-    def find() -> datetime | None:
+    def find(job_name: str) -> datetime | None:
         from contextlib import nullcontext
 
         from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
@@ -364,6 +371,6 @@ def run(args: argparse.Namespace) -> int:
     """`dlm status`: exit 0 when all is well, 1 when something needs attention."""
     from dlm_pipelines.settings import get_settings
 
-    report = collect(get_settings(), last_successful_run(PURGE_JOB))
+    report = collect(get_settings(), last_successful_run())
     print(json.dumps(report.to_json(), indent=2) if args.json else render(report))
     return 0 if report.ok else 1

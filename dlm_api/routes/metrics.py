@@ -16,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from dlm_api.deps import ServicesDep, require_metrics_caller
-from dlm_pipelines.health import PURGE_JOB, StatusReport, collect, last_successful_run
+from dlm_pipelines.health import StatusReport, collect, last_successful_run
 
 SCRAPE_TIMEOUT_SECONDS = 2.0  # per store: a scrape must finish within Prometheus' 10 s
 
@@ -77,13 +77,20 @@ class ReportCollector(Collector):
             [],
         )
         last_purge.add_metric([], report.last_purge.timestamp() if report.last_purge else 0.0)
+        last_reconciliation = family(
+            "last_reconciliation_timestamp_seconds",
+            "When the last successful reconcile run ended (0: never).",
+            [],
+        )
+        reconciled = report.last_reconciliation
+        last_reconciliation.add_metric([], reconciled.timestamp() if reconciled else 0.0)
         up = family("service_up", "1 if the service answered this scrape, 0 if not.", ["service"])
         for service in report.services:
             if service.ok is not None:
                 up.add_metric([service.name], 1.0 if service.ok else 0.0)
         attention = family("attention_items", "Things `dlm status` says need attention.", [])
         attention.add_metric([], len(report.attention))
-        yield from (last_purge, up, attention)
+        yield from (last_purge, last_reconciliation, up, attention)
 
 
 def exposition(report: StatusReport) -> bytes:
@@ -110,7 +117,7 @@ async def metrics(services: ServicesDep) -> Response:
     def scrape() -> bytes:
         report = collect(
             services.settings,
-            last_successful_run(PURGE_JOB, instance) if instance else lambda: None,
+            last_successful_run(instance) if instance else lambda _job: None,
             timeout=SCRAPE_TIMEOUT_SECONDS,
         )
         return exposition(report)

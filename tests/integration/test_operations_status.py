@@ -71,7 +71,7 @@ def trouble(catalog, streams):
 
 def test_status_names_everything_that_needs_attention(settings, trouble, dagster_instance) -> None:
     purge_stand_in.execute_in_process(instance=dagster_instance)
-    report = collect(settings, last_successful_run("purge", dagster_instance))
+    report = collect(settings, last_successful_run(dagster_instance))
     assert not report.ok
     prince, tsu = report.systems
     assert (prince.system, prince.backlog, prince.failed, prince.needs_attention) == (
@@ -86,6 +86,7 @@ def test_status_names_everything_that_needs_attention(settings, trouble, dagster
     assert tsu.needs_attention == 1 and tsu.backlog == 0
     assert prince.disk_free_bytes and prince.disk_total_bytes
     assert report.last_purge is not None and utcnow() - report.last_purge < timedelta(minutes=5)
+    assert report.last_reconciliation is None  # no reconcile job has run
     assert [(s.name, s.ok) for s in report.services] == [
         ("catalog", True), ("redis", True), ("s3", True), ("rabbitmq", True)
     ]  # fmt: skip
@@ -108,7 +109,7 @@ def test_status_reports_a_store_that_does_not_answer(settings) -> None:
     broken = settings.model_copy(
         update={"redis_url": "redis://127.0.0.1:1/0", "purge_min_free": 100}
     )
-    report = collect(broken, lambda: None, timeout=2)
+    report = collect(broken, lambda _job: None, timeout=2)
     redis_check = next(s for s in report.services if s.name == "redis")
     assert redis_check.ok is False and "ConnectionError" in redis_check.detail
     assert any(line.startswith("redis does not answer") for line in report.attention)
@@ -184,6 +185,7 @@ def test_metrics_in_prometheus_text_format(settings, trouble, dagster_instance) 
     assert got[("dlm_dead_letters", stream)] == 2
     assert got[("dlm_dead_letters_last_24h", stream)] == 2
     assert utcnow().timestamp() - got[("dlm_last_purge_timestamp_seconds", ())] < 300
+    assert got[("dlm_last_reconciliation_timestamp_seconds", ())] == 0
     assert got[("dlm_service_up", (("service", "redis"),))] == 1
     assert got[("dlm_service_up", (("service", "s3"),))] == 1
     assert got[("dlm_attention_items", ())] == 4
