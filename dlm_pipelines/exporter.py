@@ -90,7 +90,7 @@ class Exporter:
         ref_id = record.ref_id
         if record.status == EventStatus.VERIFIED and not force:
             if record.announced_at is None:
-                self._announce(record)
+                announce(self.catalog, self.streams, record)
             return ExportOutcome(ref_id, key=record.object_key, skipped="already verified")
         if record.status == EventStatus.VERIFIED:
             # force: only re-upload what still exists locally; the S3 copy stays otherwise.
@@ -127,7 +127,7 @@ class Exporter:
             return self._failed(ref_id, "claim lost while uploading (taken over by another run)")
         verified = self.catalog.get(ref_id)
         assert verified is not None
-        self._announce(verified)
+        announce(self.catalog, self.streams, verified)
         return ExportOutcome(
             ref_id,
             exported=True,
@@ -159,15 +159,16 @@ class Exporter:
             f"both {event.object_key} and {event.collision_free_key} are held by other objects"
         )
 
-    def _announce(self, record: EventRecord) -> None:
-        """XADD to `dlm:new-export`, then note it; a crash in between re-announces."""
-        assert record.object_key and record.size is not None and record.sha256
-        assert record.uploaded_at is not None
-        self.streams.announce_export(
-            ref_id=record.ref_id,
-            sha256=record.sha256,
-            size=record.size,
-            key=f"{record.bucket}/{record.object_key}",
-            uploaded_at=record.uploaded_at,
-        )
-        self.catalog.mark_announced(record.ref_id)
+
+def announce(catalog: Catalog, streams: RedisStreams, record: EventRecord) -> None:
+    """XADD to `dlm:new-export`, then note it; a crash in between re-announces."""
+    assert record.object_key and record.size is not None and record.sha256
+    assert record.uploaded_at is not None
+    streams.announce_export(
+        ref_id=record.ref_id,
+        sha256=record.sha256,
+        size=record.size,
+        key=f"{record.bucket}/{record.object_key}",
+        uploaded_at=record.uploaded_at,
+    )
+    catalog.mark_announced(record.ref_id)

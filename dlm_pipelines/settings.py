@@ -111,6 +111,12 @@ class Settings(BaseSettings):
     imaging_event_stream: str = "dlm:new-imaging-event"
     export_stream: str = "dlm:new-export"
     dead_letter_stream: str = "dlm:dead-letter"
+    # Entries older than this are trimmed from the three streams (XTRIM MINID); the
+    # imaging stream only below the sensor's cursor. Seconds or ISO-8601.
+    stream_retention: timedelta = Field(default=timedelta(days=7), gt=timedelta(0))
+    # Imaging events dated later than now + this are dead-lettered (a broken clock);
+    # earlier ones in the future wait for their UTC day. Seconds or ISO-8601.
+    event_max_future: timedelta = Field(default=timedelta(days=7), ge=timedelta(0))
 
     # --- archive notifications from the tape archiver (RabbitMQ) --------------------
     rabbitmq_url: AmqpUrl | None = Field(  # unset: archive_sensor idles and says why
@@ -137,6 +143,11 @@ class Settings(BaseSettings):
     export_stale_after_seconds: float = Field(default=300.0, gt=0)
     # Never-tried events older than this, with no run waiting, get a run again.
     sensor_sweep_after_seconds: float = Field(default=300.0, gt=0)
+    # Failed events are retried by the sweep: first after the backoff, doubling up to
+    # the cap, until this many export runs have tried; then needs_attention.
+    export_max_attempts: int = Field(default=10, ge=1, le=1000)
+    export_retry_backoff_seconds: float = Field(default=60.0, gt=0)
+    export_retry_backoff_max_seconds: float = Field(default=3600.0, gt=0)
 
     # --- purge of local copies (purger.py) --------------------------------------------
     purge_cron: str = "0 */2 * * *"
@@ -192,7 +203,7 @@ class Settings(BaseSettings):
             value = [s.strip() for s in value.split(",") if s.strip()]
         return value
 
-    @field_validator("purge_lifespan", mode="before")
+    @field_validator("purge_lifespan", "stream_retention", "event_max_future", mode="before")
     @classmethod
     def _lifespan_in_seconds(cls, value: object) -> object:
         # pydantic parses ISO-8601 durations and numbers, but not digits in a string.
