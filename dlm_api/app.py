@@ -25,7 +25,7 @@ from dlm_api.deps import (
     require_caller,
 )
 from dlm_api.presign import Presigner
-from dlm_api.routes import archives, events, exports, stats
+from dlm_api.routes import archives, events, exports, metrics, stats
 from dlm_pipelines.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ def create_app(
     for module in (exports, archives, stats, events):
         api.include_router(module.router)
     app.include_router(api)
+    app.include_router(metrics.router)
 
     @app.exception_handler(OperationalError)
     async def catalog_unavailable(_: Request, exc: OperationalError) -> JSONResponse:

@@ -5,6 +5,8 @@ Used by the `raw_export` asset; free of Dagster so that its steps read in order.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,6 +41,34 @@ def event_from_record(record: EventRecord) -> ImagingEvent:
     )
 
 
+class Progress:
+    """What a run's exports have done so far, for its heartbeat (thread-safe)."""
+
+    def __init__(self, total_events: int) -> None:
+        self.total_events = total_events
+        self.events_done = 0
+        self.bytes_sent = 0
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+
+    def sent(self, size: int) -> None:
+        with self._lock:
+            self.bytes_sent += size
+
+    def finished(self) -> None:
+        with self._lock:
+            self.events_done += 1
+
+    def describe(self) -> str:
+        seconds = time.monotonic() - self.started
+        mib = self.bytes_sent / 2**20
+        rate = mib / seconds if seconds > 0 else 0.0
+        return (
+            f"{self.events_done} of {self.total_events} event(s) done, "
+            f"{mib:,.1f} MiB sent in {seconds:.0f} s ({rate:.1f} MiB/s)"
+        )
+
+
 @dataclass
 class Exporter:
     catalog: Catalog
@@ -47,8 +77,16 @@ class Exporter:
     data_root: DataRoot
     run_id: str
     run_is_alive: Callable[[str], bool]
+    progress: Progress | None = None
 
     def export(self, record: EventRecord, *, force: bool) -> ExportOutcome:
+        try:
+            return self._export(record, force=force)
+        finally:
+            if self.progress is not None:
+                self.progress.finished()
+
+    def _export(self, record: EventRecord, *, force: bool) -> ExportOutcome:
         ref_id = record.ref_id
         if record.status == EventStatus.VERIFIED and not force:
             if record.announced_at is None:
@@ -72,7 +110,11 @@ class Exporter:
             if record.attempts:  # only an earlier attempt can have left parts behind
                 self.store.abort_incomplete_uploads(key)
             result = self.store.upload_tar(
-                source=source, metadata=event.tar_metadata(), key=key, ref_id=ref_id
+                source=source,
+                metadata=event.tar_metadata(),
+                key=key,
+                ref_id=ref_id,
+                on_progress=self.progress.sent if self.progress else None,
             )
             self.store.verify_object(key, size=result.size, sha256=result.sha256, ref_id=ref_id)
             uploaded_at = self.catalog.mark_verified(

@@ -24,6 +24,7 @@ from dagster import (
     sensor,
 )
 
+from dlm_pipelines import alerts
 from dlm_pipelines.catalog import Catalog, EventStatus, utcnow
 from dlm_pipelines.dagster_runs import (
     RUNNING_STATUSES,
@@ -37,6 +38,7 @@ from dlm_pipelines.intake import Intake, IntakeReport
 from dlm_pipelines.partitions import system_of
 from dlm_pipelines.recovery import Recovery, RetrySchedule, SweepReport
 from dlm_pipelines.resources import RedisStreams
+from dlm_pipelines.resources.alerts import Alerts
 from dlm_pipelines.settings import Settings
 from dlm_pipelines.stream_retention import stream_id_key, trim_streams
 
@@ -66,7 +68,10 @@ def build_imaging_event_sensor(
         asset_selection=[raw_export],
     )
     def imaging_event_sensor(
-        context: SensorEvaluationContext, streams: RedisStreams, catalog: Catalog
+        context: SensorEvaluationContext,
+        streams: RedisStreams,
+        catalog: Catalog,
+        alert_webhook: Alerts,
     ) -> SensorResult:
         _freeze_long_lived_objects()
         cursor = context.cursor or INITIAL_CURSOR
@@ -94,6 +99,14 @@ def build_imaging_event_sensor(
         rejected = intake.dead_lettered
         new = intake.new
         _report_future(context, catalog, intake, partitions_def)
+        if intake.reasons:  # one alert per tick, however many entries it rejected
+            alert_webhook.send(
+                alerts.dead_letters(
+                    source=streams.imaging_event_stream,
+                    destination=streams.dead_letter_stream,
+                    reasons=[reason for _, reason in intake.reasons],
+                )
+            )
 
         # Group what still needs exporting by partition; the stream ids name the batch.
         # New rows are never tried; only a repeated ref_id needs its status read.
