@@ -18,6 +18,12 @@ def _client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, decode_responses=True, socket_timeout=10)
 
 
+@cache
+def _waiting_client(url: str) -> redis.Redis:
+    """For blocking reads: its own connections, and bytes, since it only looks."""
+    return redis.Redis.from_url(url, decode_responses=False, socket_timeout=30)
+
+
 class RedisStreams(ConfigurableResource):
     url: str
     imaging_event_stream: str = "dlm:new-imaging-event"
@@ -31,6 +37,15 @@ class RedisStreams(ConfigurableResource):
     def read_imaging_events(self, after: str, count: int) -> list[StreamEntry]:
         """Up to `count` entries with an id strictly greater than `after`."""
         return list(self.client.xrange(self.imaging_event_stream, min=f"({after}", count=count))
+
+    def wait_for_imaging_events(self, after: str, seconds: float) -> bool:
+        """Block until an entry with an id greater than `after` exists, at most `seconds`."""
+        if seconds <= 0:
+            return False
+        found = _waiting_client(self.url).xread(
+            {self.imaging_event_stream: after}, count=1, block=max(1, int(seconds * 1000))
+        )
+        return bool(found)
 
     def first_imaging_event_id(self) -> str | None:
         """The oldest id still in the stream (None when empty)."""

@@ -24,9 +24,9 @@ from dagster import (
 
 from dlm_pipelines.catalog import Catalog, EventStatus, utcnow
 from dlm_pipelines.dagster_runs import (
+    ACCEPTING_TAG,
     RUNNING_STATUSES,
-    WAITING_RUN_STATUSES,
-    partition_has_run,
+    partition_will_take_new_events,
     run_is_alive,
 )
 from dlm_pipelines.events import ImagingEvent, InvalidEvent, parse_imaging_event
@@ -51,6 +51,7 @@ def build_imaging_event_sensor(
     first_date = settings.partition_start_date.isoformat()
     sweep_after = timedelta(seconds=settings.sensor_sweep_after_seconds)
     stale_after = timedelta(seconds=settings.export_stale_after_seconds)
+    linger = settings.export_linger_seconds > 0
 
     @sensor(
         name="imaging_event_sensor",
@@ -66,6 +67,8 @@ def build_imaging_event_sensor(
         cursor = context.cursor or INITIAL_CURSOR
         observations = _trim_alarm(context, streams, cursor)
         entries = streams.read_imaging_events(cursor, settings.sensor_batch_size)
+        if not entries and streams.wait_for_imaging_events(cursor, settings.sensor_wait_seconds):
+            entries = streams.read_imaging_events(cursor, settings.sensor_batch_size)
 
         accepted: list[tuple[ImagingEvent, str, str]] = []
         rejected = 0
@@ -102,15 +105,19 @@ def build_imaging_event_sensor(
         for partition_key, items in batches.items():
             if not partitions_def.has_partition_key(partition_key):
                 continue  # a day that has not begun yet; the sweep picks it up later
-            if partition_has_run(context.instance, partition_key, WAITING_RUN_STATUSES):
-                continue  # the queued run takes every pending event when it starts
+            if partition_will_take_new_events(context.instance, partition_key):
+                continue  # a queued run, or a warm one, takes every pending event
             ref_ids = list(dict.fromkeys(ref_id for ref_id, _ in items))
             run_requests.append(
                 RunRequest(
                     partition_key=partition_key,
                     run_key=f"{partition_key}@{items[0][1]}..{items[-1][1]}",
                     run_config={"ops": {"raw_export": {"config": {"ref_ids": ref_ids}}}},
-                    tags={"dlm/system": system_of(partition_key), "dlm/trigger": "sensor"},
+                    tags={
+                        "dlm/system": system_of(partition_key),
+                        "dlm/trigger": "sensor",
+                        **({ACCEPTING_TAG: "true"} if linger else {}),
+                    },
                 )
             )
 
@@ -126,7 +133,7 @@ def build_imaging_event_sensor(
         for partition_key in dict.fromkeys(orphaned):
             if partition_key in requested or not partitions_def.has_partition_key(partition_key):
                 continue
-            if partition_has_run(context.instance, partition_key, WAITING_RUN_STATUSES):
+            if partition_will_take_new_events(context.instance, partition_key):
                 continue
             requested.add(partition_key)
             context.log.warning(f"{partition_key}: events nobody is exporting; requesting a run")

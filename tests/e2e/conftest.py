@@ -41,6 +41,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, rabbitmq_url: str) -> Iterat
             archive_queue=f"dlm-e2e-{uuid.uuid4().hex[:8]}",
             archive_dead_letter_queue=f"dlm-e2e-dead-{uuid.uuid4().hex[:8]}",
             sensor_interval_seconds=1,
+            export_linger_seconds=3,  # warm runs, short enough for the tests to see them end
             export_retry_delay_seconds=0.5,
             # short liveness limits, so the daemon-kill test need not wait minutes
             export_heartbeat_seconds=2,
