@@ -43,6 +43,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, rabbitmq_url: str) -> Iterat
             sensor_interval_seconds=1,
             # A month of partitions: empty_partition_sensor closes them in its first tick.
             partition_start_date=date.today() - timedelta(days=30),
+            export_linger_seconds=3,  # warm runs, short enough for the tests to see them end
             export_retry_delay_seconds=0.5,
             # short liveness limits, so the daemon-kill test need not wait minutes
             export_heartbeat_seconds=2,
