@@ -1,5 +1,9 @@
 """Stream a source folder as a tar straight into an S3 multipart upload.
 
+A tar that fits in one part goes up as one `PutObject` instead, with its sha256 in
+the object's metadata and as the request's checksum (the server checks it): one
+request, no multipart upload, no metadata copy afterwards.
+
 One pass over the source bytes, no temporary file. The calling thread writes the
 tar (stdlib `tarfile`), reading file data straight into part-sized buffers; each
 full buffer is hashed (sha256 of the whole tar, in order, on its own thread) and
@@ -11,6 +15,7 @@ multipart upload once the parts in flight are done, so no partial object is left
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import io
@@ -35,6 +40,8 @@ class UploadResult:
     size: int
     sha256: str
     seconds: float
+    # the sha256 is already in the object's metadata (a one-request upload)
+    sha256_in_metadata: bool = False
 
 
 class _MultipartWriter:
@@ -55,11 +62,15 @@ class _MultipartWriter:
         part_size: int,
         concurrency: int,
         on_progress: Callable[[int], None] | None,
+        sha256_metadata_key: str | None = None,
     ) -> None:
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self.single_put = False  # True once the whole tar went up as one PutObject
         self._client = client
         self._target = {"Bucket": bucket, "Key": key}
+        self._object_metadata = object_metadata
+        self._sha256_metadata_key = sha256_metadata_key
         self._part_size = part_size
         self._on_progress = on_progress
         # The request checksums boto3's transfer manager uses: CRC32 per part, checked
@@ -75,12 +86,8 @@ class _MultipartWriter:
         self._filled = 0
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="tar-sha256")
         self._senders = ThreadPoolExecutor(concurrency, thread_name_prefix="tar-part")
-        self._upload_id: str = client.create_multipart_upload(
-            **self._target,
-            Metadata=object_metadata,
-            ContentType="application/x-tar",
-            **self._checksum,
-        )["UploadId"]
+        # started with the first full part: a tar that fits in one part never needs one
+        self._upload_id: str | None = None
 
     # the file interface `tarfile` uses
     def write(self, data: bytes | bytearray | memoryview) -> int:
@@ -115,6 +122,9 @@ class _MultipartWriter:
 
     # the upload
     def complete(self) -> None:
+        if not self._parts and self._sha256_metadata_key is not None:
+            self._put_whole()
+            return
         if self._filled or not self._parts:
             self._send_part(last=True)
         wait(self._parts)
@@ -126,11 +136,32 @@ class _MultipartWriter:
             **self._target, UploadId=self._upload_id, MultipartUpload={"Parts": parts}
         )
 
+    def _put_whole(self) -> None:
+        """The whole tar is in the first buffer: one PutObject with its sha256."""
+        assert self._sha256_metadata_key is not None
+        self._hasher.shutdown()
+        self._senders.shutdown()
+        body = bytes(self._view[: self._filled])
+        self.sha256.update(body)
+        digest = self.sha256.digest()
+        self._client.put_object(
+            **self._target,
+            Body=body,
+            Metadata={**self._object_metadata, self._sha256_metadata_key: digest.hex()},
+            ContentType="application/x-tar",
+            ChecksumSHA256=base64.b64encode(digest).decode(),  # the server verifies it
+        )
+        self.single_put = True
+        if self._on_progress is not None:
+            self._on_progress(len(body))
+
     def abort(self, failure: BaseException) -> None:
         """Stop, let parts in flight finish, then abort: no part outlives the upload."""
         self._failure = self._failure or failure
         self._senders.shutdown(cancel_futures=True)
         self._hasher.shutdown(cancel_futures=True)
+        if self._upload_id is None:  # no multipart upload was started
+            return
         try:
             self._client.abort_multipart_upload(**self._target, UploadId=self._upload_id)
         except Exception as exc:  # keep the cause; ObjectStore.abort_incomplete_uploads cleans up
@@ -139,6 +170,13 @@ class _MultipartWriter:
     def _send_part(self, last: bool = False) -> None:
         self._raise_failure()
         number = len(self._parts) + 1
+        if self._upload_id is None:
+            self._upload_id = self._client.create_multipart_upload(
+                **self._target,
+                Metadata=self._object_metadata,
+                ContentType="application/x-tar",
+                **self._checksum,
+            )["UploadId"]
         if number > MAX_PARTS_S3:
             raise RuntimeError(f"the tar outgrew {MAX_PARTS_S3} parts of {self._part_size} bytes")
         buffer, filled = self._buffer, self._filled
@@ -283,11 +321,13 @@ def upload_tar(
     part_size: int,
     part_concurrency: int,
     on_progress: Callable[[int], None] | None = None,
+    sha256_metadata_key: str | None = None,
 ) -> UploadResult:
     """Tar `source` into `s3://bucket/key`; returns the size and sha256 of the tar.
 
-    On any error the transfer manager aborts the multipart upload, so no partial
-    object is left behind.
+    On any error the multipart upload is aborted, so no partial object is left
+    behind. With `sha256_metadata_key`, a tar no larger than one part goes up as one
+    PutObject carrying its sha256 under that metadata key (`sha256_in_metadata`).
     """
     started = time.monotonic()
     writer = _MultipartWriter(
@@ -298,6 +338,7 @@ def upload_tar(
         part_size=part_size_for(estimate_tar_size(source), part_size),
         concurrency=part_concurrency,
         on_progress=on_progress,
+        sha256_metadata_key=sha256_metadata_key,
     )
     try:
         write_tar(source, metadata, writer)
@@ -306,5 +347,8 @@ def upload_tar(
         writer.abort(failure)
         raise
     return UploadResult(
-        size=writer.size, sha256=writer.sha256.hexdigest(), seconds=time.monotonic() - started
+        size=writer.size,
+        sha256=writer.sha256.hexdigest(),
+        seconds=time.monotonic() - started,
+        sha256_in_metadata=writer.single_put,
     )

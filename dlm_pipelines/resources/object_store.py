@@ -10,6 +10,7 @@ enough for parallel part uploads, and timeouts, none of which dagster-aws's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -81,9 +82,16 @@ class ObjectStore(ResourceWithS3Configuration):
         return aborted
 
     def upload_tar(
-        self, *, source: Path, metadata: dict[str, Any], key: str, ref_id: str
+        self,
+        *,
+        source: Path,
+        metadata: dict[str, Any],
+        key: str,
+        ref_id: str,
+        on_progress: Callable[[int], None] | None = None,
     ) -> UploadResult:
-        """Stream the tar of `source` to `key`, then record its sha256 on the object."""
+        """Stream the tar of `source` to `key`, then record its sha256 on the object.
+        `on_progress` gets the size of each part once S3 has it."""
         result = upload_tar(
             self.client,
             source=source,
@@ -93,7 +101,11 @@ class ObjectStore(ResourceWithS3Configuration):
             object_metadata={REF_ID_META: ref_id},
             part_size=self.part_size_mib << 20,
             part_concurrency=self.part_concurrency,
+            on_progress=on_progress,
+            sha256_metadata_key=SHA256_META,
         )
+        if result.sha256_in_metadata:  # a one-part tar: put whole, with its sha256
+            return result
         # The sha256 is known only once the last byte is sent: add it to the object's
         # metadata with an in-place copy (metadata only on SeaweedFS and AWS).
         new_metadata = {REF_ID_META: ref_id, SHA256_META: result.sha256}

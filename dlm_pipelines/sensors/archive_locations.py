@@ -26,6 +26,7 @@ from dagster import (
     sensor,
 )
 
+from dlm_pipelines import alerts
 from dlm_pipelines.archive_locations import (
     ArchiveMessage,
     InvalidArchiveMessage,
@@ -33,6 +34,7 @@ from dlm_pipelines.archive_locations import (
 )
 from dlm_pipelines.assets.archive_locations import TAPE_ARCHIVE
 from dlm_pipelines.catalog import Catalog, RecordedJob
+from dlm_pipelines.resources.alerts import Alerts
 from dlm_pipelines.resources.archive_queue import (
     ArchiveInbox,
     ArchiveQueue,
@@ -49,6 +51,7 @@ TICK_BUDGET_SECONDS = 30.0
 class Tick:
     jobs: list[RecordedJob] = field(default_factory=list)
     dead_lettered: int = 0
+    dead_letter_reasons: list[str] = field(default_factory=list)
     stopped_by: str | None = None  # why the batch ended early
 
     @property
@@ -84,7 +87,10 @@ def build_archive_sensor(
         default_status=DefaultSensorStatus.RUNNING,
     )
     def archive_sensor(
-        context: SensorEvaluationContext, archive_queue: ArchiveQueue, catalog: Catalog
+        context: SensorEvaluationContext,
+        archive_queue: ArchiveQueue,
+        catalog: Catalog,
+        alert_webhook: Alerts,
     ) -> SensorResult | SkipReason:
         if not archive_queue.url:
             return SkipReason("DLM_RABBITMQ_URL is not set: archive notifications are not read")
@@ -112,6 +118,14 @@ def build_archive_sensor(
                 return SkipReason(f"RabbitMQ unavailable, retrying next tick: {exc}")
             context.log.warning(f"{exc}; messages not acked stay queued for the next tick")
             tick.stopped_by = str(exc)
+        if tick.dead_letter_reasons:  # one alert per tick, however many it dead-lettered
+            alert_webhook.send(
+                alerts.dead_letters(
+                    source=archive_queue.queue,
+                    destination=archive_queue.dead_letter_queue,
+                    reasons=tick.dead_letter_reasons,
+                )
+            )
         return SensorResult(
             asset_events=materializations(context, tick.jobs, partitions_def),
             skip_reason=tick.summary(archive_queue.queue),
@@ -168,6 +182,7 @@ def _dead_letter(
     reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")
     inbox.dead_letter(delivery, reason)
     tick.dead_lettered += 1
+    tick.dead_letter_reasons.append(reason)
     context.log.warning(f"dead-lettered to {inbox.dead_letter_queue}: {reason[:500]}")
 
 
