@@ -216,9 +216,14 @@ def build_reconcile_job(
             f"report {report.report_id}: {dict(report.counts) or 'no findings'}; "
             f"{report.closed} closed; scanned {dict(report.scanned)}"
         )
-        # The alert hook (dlm_pipelines/alerts.py, issue 13) belongs here: one alert per
-        # run with alarms, naming report.report_id.
+        # A run with alarms fails: alert_on_failed_runs (sensors/alerts.py) then posts
+        # one reconciliation alert with the "alarms" below.
         if report.alarms:
+            alarms = {
+                f.ref_id or f.key or f.path or f.kind.value: f"{f.kind.value}: {f.detail}"
+                for f in report.first
+                if f.severity == Severity.ALARM
+            }
             raise Failure(
                 description=f"{report.alarms} alarm(s) in reconciliation report "
                 f"{report.report_id}: "
@@ -227,7 +232,7 @@ def build_reconcile_job(
                     for f in report.first
                     if f.severity == Severity.ALARM
                 )[:4000],
-                metadata=metadata,
+                metadata={**metadata, "alarms": MetadataValue.json(alarms)},
             )
         context.add_output_metadata(metadata)
 

@@ -2,7 +2,8 @@
 
 Dagster's run-failure sensor keeps a cursor over the failure events, so each
 failed run is announced once, whichever process died. Export runs name their
-failed events and reasons (the step's Failure metadata), purge runs their alarms;
+failed events and reasons (the step's Failure metadata), purge and reconcile runs
+their alarms;
 a run failed for silence (no heartbeat) has only the run's failure message.
 """
 
@@ -24,6 +25,7 @@ from dlm_pipelines.resources.alerts import Alerts
 from dlm_pipelines.settings import Settings
 
 PURGE_JOB = "purge"
+RECONCILE_JOB = "reconcile"
 PARTITION_TAG = "dagster/partition"
 
 
@@ -71,6 +73,10 @@ def build_alert_sensor(settings: Settings) -> SensorDefinition:
                 alarms=_failure_metadata(context, "alarms"),
                 reason=reason,
                 link=link,
+            )
+        elif run.job_name == RECONCILE_JOB:
+            alert = alerts.reconciliation_alarm(
+                summary=reason, details=_failure_metadata(context, "alarms"), link=link
             )
         elif PARTITION_TAG in run.tags:
             alert = alerts.export_run_failed(
