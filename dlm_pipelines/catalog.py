@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Column, Field, Session, SQLModel, col, select
 
 from dlm_pipelines.events import ImagingEvent
+from dlm_pipelines.manifest import Manifest
 
 
 def utcnow() -> datetime:
@@ -98,6 +99,7 @@ class EventRecord(SQLModel, table=True):
     key_collision: bool = False  # object_key is the collision-free variant
     size: int | None = Field(default=None, sa_column=Column(sa.BigInteger))
     sha256: str | None = Field(default=None, max_length=64)
+    etag: str | None = Field(default=None, max_length=128)  # the store's, as verified
     uploaded_at: datetime | None = _dt()
     verified_at: datetime | None = _dt(index=True)
     announced_at: datetime | None = _dt()
@@ -109,6 +111,8 @@ class EventRecord(SQLModel, table=True):
     # the local copy
     purged_at: datetime | None = _dt(index=True)
     bytes_freed: int | None = Field(default=None, sa_column=Column(sa.BigInteger))
+    # where the purge renamed the local copy to; cleared once it is removed
+    trash_path: str | None = Field(default=None, max_length=1024)
 
     # the tape archive (denormalised from archive_member for the lifecycle view)
     archive_path: str | None = Field(default=None, max_length=1024)
@@ -117,6 +121,28 @@ class EventRecord(SQLModel, table=True):
     @property
     def s3_url(self) -> str | None:
         return f"{self.bucket}/{self.object_key}" if self.object_key else None
+
+
+class EventManifest(SQLModel, table=True):
+    """What the event's tar holds, member by member (dlm_pipelines.manifest)."""
+
+    __tablename__ = "event_manifest"
+
+    ref_id: str = Field(
+        sa_column=Column(
+            sa.String(36),
+            sa.ForeignKey("imaging_event.ref_id", ondelete="CASCADE"),
+            primary_key=True,
+        )
+    )
+    tar_sha256: str = Field(max_length=64)  # the tar it describes
+    mtime_resolution_ns: int = Field(sa_column=Column(sa.BigInteger, nullable=False))
+    source: str = Field(max_length=16)  # "export" (read from disk) or "backfill" (from the tar)
+    members: list[dict[str, Any]] = Field(sa_column=Column(sa.JSON, nullable=False))
+    recorded_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+    def manifest(self) -> Manifest:
+        return Manifest.from_json(self.members, self.mtime_resolution_ns)
 
 
 class ArchiveJob(SQLModel, table=True):
@@ -363,22 +389,114 @@ class Catalog(ConfigurableResource):
         except sa.exc.IntegrityError:
             return False
 
-    def mark_verified(self, ref_id: str, run_id: str, *, size: int, sha256: str) -> datetime | None:
-        """Record a verified upload; returns its time, or None if `run_id` lost the claim."""
+    def mark_verified(
+        self,
+        ref_id: str,
+        run_id: str,
+        *,
+        size: int,
+        sha256: str,
+        etag: str | None = None,
+        manifest: Manifest | None = None,
+    ) -> datetime | None:
+        """Record a verified upload (with its ETag and manifest, in one transaction);
+        returns its time, or None if `run_id` lost the claim."""
         table = EventRecord.__table__  # type: ignore[attr-defined]
         now = utcnow()
-        done = self._update(
-            ref_id,
-            sa.and_(table.c.run_id == run_id, table.c.status == EventStatus.EXPORTING.value),
-            status=EventStatus.VERIFIED.value,
-            size=size,
-            sha256=sha256,
-            uploaded_at=now,
-            verified_at=now,
-            announced_at=None,
-            last_error=None,
-        )
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                sa.update(table)
+                .where(
+                    table.c.ref_id == ref_id,
+                    table.c.run_id == run_id,
+                    table.c.status == EventStatus.EXPORTING.value,
+                )
+                .values(
+                    status=EventStatus.VERIFIED.value,
+                    size=size,
+                    sha256=sha256,
+                    etag=etag,
+                    uploaded_at=now,
+                    verified_at=now,
+                    announced_at=None,
+                    last_error=None,
+                )
+            ).rowcount
+            if done and manifest is not None:
+                self._store_manifest(conn, ref_id, sha256, manifest, "export", replace=True)
         return now if done else None
+
+    # --- manifests -----------------------------------------------------------------------
+
+    def _store_manifest(
+        self,
+        conn: sa.Connection,
+        ref_id: str,
+        tar_sha256: str,
+        manifest: Manifest,
+        source: str,
+        *,
+        replace: bool,
+    ) -> bool:
+        table = EventManifest.__table__  # type: ignore[attr-defined]
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        row = {
+            "ref_id": ref_id,
+            "tar_sha256": tar_sha256,
+            "mtime_resolution_ns": manifest.mtime_resolution_ns,
+            "source": source,
+            "members": manifest.as_json(),
+            "recorded_at": utcnow(),
+        }
+        insert = dialect.insert(table).values(**row)
+        if replace:
+            statement = insert.on_conflict_do_update(
+                index_elements=["ref_id"], set_={k: v for k, v in row.items() if k != "ref_id"}
+            )
+        else:
+            statement = insert.on_conflict_do_nothing(index_elements=["ref_id"])
+        return bool(conn.execute(statement).rowcount)
+
+    def manifest(self, ref_id: str) -> EventManifest | None:
+        with self.session() as session:
+            return session.get(EventManifest, ref_id)
+
+    def without_manifest(self, limit: int) -> list[EventRecord]:
+        """Verified exports that have no manifest yet (exported before manifests)."""
+        manifests = EventManifest.__table__  # type: ignore[attr-defined]
+        with self.session() as session:
+            query = (
+                select(EventRecord)
+                .where(col(EventRecord.verified_at).is_not(None))
+                .where(col(EventRecord.object_key).is_not(None))
+                .where(~sa.exists().where(manifests.c.ref_id == col(EventRecord.ref_id)))
+                .order_by(col(EventRecord.ref_id))
+                .limit(limit)
+            )
+            return list(session.exec(query))
+
+    def record_backfilled_manifest(
+        self, ref_id: str, *, tar_sha256: str, etag: str, manifest: Manifest
+    ) -> bool:
+        """Store a manifest read back from the object, if the event still has that tar
+        and no manifest; also records the object's ETag where none was."""
+        table = EventRecord.__table__  # type: ignore[attr-defined]
+        with self.engine.begin() as conn:
+            current = conn.execute(
+                sa.select(table.c.sha256, table.c.etag).where(table.c.ref_id == ref_id)
+            ).first()
+            if current is None or current.sha256 != tar_sha256:
+                return False
+            stored = self._store_manifest(
+                conn, ref_id, tar_sha256, manifest, "backfill", replace=False
+            )
+            if stored and current.etag is None:
+                conn.execute(
+                    sa.update(table)
+                    .where(table.c.ref_id == ref_id, table.c.sha256 == tar_sha256)
+                    .values(etag=etag)
+                )
+        return stored
 
     def mark_announced(self, ref_id: str) -> None:
         self._update(ref_id, sa.true(), announced_at=utcnow())

@@ -248,7 +248,11 @@ class Purger:
         assert record.object_key and record.size is not None and record.sha256
         try:
             self.store.verify(
-                record.object_key, size=record.size, sha256=record.sha256, ref_id=record.ref_id
+                record.object_key,
+                size=record.size,
+                sha256=record.sha256,
+                ref_id=record.ref_id,
+                etag=record.etag,  # the store's own checksum: copied metadata proves nothing
             )
         except VerificationError as exc:
             return PurgeOutcome(record, alarm=str(exc))

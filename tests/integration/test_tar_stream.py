@@ -35,7 +35,7 @@ def test_uploaded_bytes_are_the_tar_with_its_sha256(object_store, tmp_path: Path
     (source / "sub" / "a.tif").write_bytes(b"A" * 10)
     os.link(source / "sub" / "a.tif", source / "sub" / "hardlink.tif")
     (source / "link").symlink_to("sub/a.tif")
-    metadata = {"ref_id": "r1", "schema_version": "1a1"}
+    metadata = {"ref_id": "r1", "timestamp": "2026-01-01T00:00:00+00:00", "schema_version": "1a1"}
 
     result = upload_tar(
         object_store.client,
@@ -52,13 +52,20 @@ def test_uploaded_bytes_are_the_tar_with_its_sha256(object_store, tmp_path: Path
         Bucket=object_store.bucket, Key="images/exp/20260101/000000.tar"
     )["Body"].read()
     assert result.size == len(body) and result.sha256 == hashlib.sha256(body).hexdigest()
-    # byte for byte what plain `write_tar` gives, but for metadata.json's mtime (now)
+    # byte for byte what plain `write_tar` gives (deterministic: metadata.json included)
     expected = io.BytesIO()
     write_tar(source, metadata, expected)
-    metadata_header = body.rindex(b"./metadata.json")
-    assert len(body) == len(expected.getvalue())
-    assert body[:metadata_header] == expected.getvalue()[:metadata_header]
-    assert body[metadata_header + 512 :] == expected.getvalue()[metadata_header + 512 :]
+    assert body == expected.getvalue()
+    assert result.etag == object_store.head("images/exp/20260101/000000.tar")["ETag"]
+    # the manifest: every member with its own sha256, read in the same pass
+    files = {m.path: m for m in result.manifest.files()}
+    assert set(files) == {"big.tif", "block.tif", "empty.tif", "sub/a.tif", "sub/hardlink.tif"}
+    for path, member in files.items():
+        assert member.sha256 == hashlib.sha256((source / path).read_bytes()).hexdigest()
+        assert member.mtime_ns == os.lstat(source / path).st_mtime_ns
+        assert member.size == os.lstat(source / path).st_size
+    link = next(m for m in result.manifest.members if m.path == "link")
+    assert (link.type, link.target) == ("symlink", "sub/a.tif")
 
 
 def test_a_file_shrinking_midway_leaves_no_object_and_no_open_upload(
@@ -79,7 +86,7 @@ def test_a_file_shrinking_midway_leaves_no_object_and_no_open_upload(
         upload_tar(
             object_store.client,
             source=source,
-            metadata={"ref_id": "r2"},
+            metadata={"ref_id": "r2", "timestamp": "2026-01-01T00:00:01+00:00"},
             bucket=object_store.bucket,
             key=key,
             object_metadata={},
@@ -108,7 +115,7 @@ def upload_one_frame(client, object_store, tmp_path: Path, key: str, parts: int)
     upload_tar(
         client,
         source=source,
-        metadata={"ref_id": key},
+        metadata={"ref_id": key, "timestamp": "2026-01-01T00:00:02+00:00"},
         bucket=object_store.bucket,
         key=key,
         object_metadata={},
