@@ -252,6 +252,13 @@ def resolve_source(data_root: Path, system: str, local_path: str) -> Path:
         raise InvalidEvent(
             f"local_path: {local_path!r} resolves to {resolved}, outside {system_root}"
         )
+    # No symlink at any level under the system folder: through a linked folder, one
+    # event's export or purge would reach another event's data (docs/design.md).
+    step = system_root
+    for part in PurePosixPath(local_path).parts:
+        step = step / part
+        if step.is_symlink():
+            raise InvalidEvent(f"local_path: {local_path!r} crosses a symlink at {step}")
     if not resolved.exists():
         raise FileNotFoundError(f"source {candidate} does not exist")
     return resolved
