@@ -10,11 +10,12 @@ import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
-from dlm_pipelines.catalog import Archive, ArchiveMember, EventRecord
+from dlm_pipelines.catalog import Archive, ArchiveMember, EventManifest, EventRecord
 
 EVENTS = cast(sa.Table, EventRecord.__table__)  # type: ignore[attr-defined]
 ARCHIVES = cast(sa.Table, Archive.__table__)  # type: ignore[attr-defined]
 MEMBERS = cast(sa.Table, ArchiveMember.__table__)  # type: ignore[attr-defined]
+MANIFESTS = cast(sa.Table, EventManifest.__table__)  # type: ignore[attr-defined]
 
 
 def count_and_page(
