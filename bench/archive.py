@@ -34,12 +34,12 @@ import pika
 import sqlalchemy as sa
 from dagster import SensorResult, build_sensor_context, instance_for_test
 
-from dlm_pipelines.catalog import Catalog, EventRecord
+from dlm_pipelines.catalog import EVENTS, Catalog, migrate
 from dlm_pipelines.definitions import build_definitions
-from dlm_pipelines.dev.postgres import temporary_database
 from dlm_pipelines.events import parse_imaging_event
 from dlm_pipelines.partitions import partition_key_for
 from dlm_pipelines.settings import Settings
+from tests.postgres import temporary_database
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
 BUCKET = "mycostreams-raw-data"
@@ -92,7 +92,7 @@ def seed_exports(catalog: Catalog, rep: int, messages: int, keys: int) -> list[b
         }
         bodies.append(json.dumps(document, indent=4).encode())
     catalog.record_events(items)
-    table = EventRecord.__table__  # type: ignore[attr-defined]
+    table = EVENTS
     with catalog.engine.begin() as conn:
         conn.execute(
             sa.update(table)
@@ -167,7 +167,7 @@ def measure(args: argparse.Namespace, database_url: str) -> int:
         partition_start_date="2026-01-01",
     )
     catalog = Catalog(database_url=database_url)
-    catalog.migrate()
+    migrate(catalog.database_url)
     defs = build_definitions(settings)
     print(
         f"{args.messages} messages × {args.keys} keys per repetition, "

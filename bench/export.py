@@ -183,7 +183,7 @@ def run_shape(store: Any, shape: Shape, scratch: Path, reps: int, server_pid: in
 
     def ours(key: str) -> None:
         result = store.upload_tar(source=source, metadata=bench_metadata(key), key=key, ref_id=key)
-        store.verify(key, size=result.size, sha256=result.sha256, ref_id=key)
+        store.verify_object(key, size=result.size, sha256=result.sha256, ref_id=key)
 
     def plain(key: str) -> None:
         client.upload_file(str(pretarred), bucket, key, Config=config)
@@ -294,7 +294,7 @@ def rss_child(
     result = store.upload_tar(
         source=Path(source), metadata=bench_metadata("rss"), key=key, ref_id="rss"
     )
-    store.verify(key, size=result.size, sha256=result.sha256, ref_id="rss")
+    store.verify_object(key, size=result.size, sha256=result.sha256, ref_id="rss")
     seconds = time.perf_counter() - started
     store.client.delete_object(Bucket=bucket, Key=key)
     status = Path("/proc/self/status").read_text()

@@ -124,7 +124,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    from dlm_pipelines.mock_prince import parse_size
+    from dlm_pipelines.dev.mock_prince import parse_size
 
     size, step_size = parse_size(args.size), parse_size(args.step_size)
     # SIGTERM unwinds like Ctrl-C: the stack is stopped and the databases dropped.
@@ -217,10 +217,10 @@ def children_cpu() -> float:
 @contextmanager
 def running_stack(scratch: Path) -> Iterator[LatencyBench]:
     from dlm_pipelines.catalog import Catalog
-    from dlm_pipelines.dev.postgres import temporary_database
     from dlm_pipelines.dev.seaweedfs import free_port_block
     from dlm_pipelines.dev.stack import DevStack
     from dlm_pipelines.settings import Settings
+    from tests.postgres import temporary_database
 
     prefix = f"dlm-bench-latency:{uuid.uuid4().hex[:8]}"
     with ExitStack() as cleanup:
@@ -248,7 +248,7 @@ def running_stack(scratch: Path) -> Iterator[LatencyBench]:
         stack.data_root.mkdir(parents=True, exist_ok=True)
         stack.start_object_store()
         stack.start_redis()
-        stack.migrate_catalog()
+        stack.set_up()
         stack.start_dagster(webserver=True, daemon=True)  # the UI: the GraphQL client
         stack.wait_ready()
         os.environ["DAGSTER_HOME"] = str(stack.dagster_home)
@@ -293,7 +293,7 @@ class LatencyBench:
 
     def publish(self, rate: float, seconds: float, size: int) -> list[Published]:
         """`rate` events/s on a fixed schedule; writer threads prepare folders ahead."""
-        from dlm_pipelines.mock_prince import MockPrince
+        from dlm_pipelines.dev.mock_prince import MockPrince
 
         count = max(1, round(rate * seconds))
         ready: queue.Queue[dict[str, str]] = queue.Queue(maxsize=max(2, int(rate * LEAD_SECONDS)))
@@ -507,7 +507,7 @@ class LatencyBench:
             time.sleep(0.5)
 
     def burst(self) -> float:
-        from dlm_pipelines.mock_prince import MockPrince
+        from dlm_pipelines.dev.mock_prince import MockPrince
 
         published = []
         for system in self.settings.systems:

@@ -38,16 +38,16 @@ from typing import Any
 import sqlalchemy as sa
 from dagster import DagsterEventType, instance_for_test
 
-from dlm_pipelines.catalog import Catalog, EventRecord, EventStatus, utcnow
+from dlm_pipelines.catalog import EVENTS, Catalog, EventStatus, migrate, utcnow
 from dlm_pipelines.definitions import build_definitions
-from dlm_pipelines.dev.postgres import temporary_database
 from dlm_pipelines.dev.seaweedfs import SeaweedFS
 from dlm_pipelines.events import EventMetadata, EventType, ImagingEvent
-from dlm_pipelines.jobs.purge import Purger
 from dlm_pipelines.partitions import partition_key_for
-from dlm_pipelines.purge import DiskLevel, PurgePolicy
+from dlm_pipelines.purge_policy import DiskLevel, PurgePolicy
+from dlm_pipelines.purger import Purger
 from dlm_pipelines.resources import ObjectStore
 from dlm_pipelines.settings import Settings
+from tests.postgres import temporary_database
 
 ACCESS_KEY = "dlm-bench"
 SECRET_KEY = "dlm-bench-secret"
@@ -129,7 +129,7 @@ class Bench:
 
         with ThreadPoolExecutor(32) as pool:
             rows = list(pool.map(put, events))
-        table = EventRecord.__table__  # type: ignore[attr-defined]
+        table = EVENTS
         verified = (
             sa.update(table)
             .where(table.c.ref_id == sa.bindparam("r"))
@@ -155,7 +155,7 @@ class Bench:
             (folder / "img.tif").write_bytes(b"\0" * FILE_BYTES)
         os.sync()  # on disk, as hours-old folders are: no writeback during the timed run
         exported = datetime.now(UTC) + timedelta(seconds=1)  # after every mtime above
-        table = EventRecord.__table__  # type: ignore[attr-defined]
+        table = EVENTS
         with self.catalog.engine.begin() as conn:
             conn.execute(
                 sa.update(table)
@@ -259,7 +259,7 @@ def main(argv: list[str]) -> int:
                 purge_concurrency=concurrency,
             )
             catalog = Catalog(database_url=database_url)
-            catalog.migrate()
+            migrate(catalog.database_url)
             store = ObjectStore(bucket=BUCKET, endpoint_url=server.endpoint_url)
             store.ensure_bucket()
             assert server.process is not None

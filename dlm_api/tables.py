@@ -1,21 +1,18 @@
-"""The catalog tables as SQLAlchemy Core tables: the API selects columns, not ORM
-objects, so a 500-row page costs one cheap row tuple per event."""
+"""Query helpers over the catalog's tables (SQLAlchemy Core): the API selects columns,
+not ORM objects, so a 500-row page costs one cheap row tuple per event."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
-from dlm_pipelines.catalog import Archive, ArchiveMember, EventManifest, EventRecord
+from dlm_pipelines.catalog import ARCHIVES, EVENTS, MANIFESTS, MEMBERS
 
-EVENTS = cast(sa.Table, EventRecord.__table__)  # type: ignore[attr-defined]
-ARCHIVES = cast(sa.Table, Archive.__table__)  # type: ignore[attr-defined]
-MEMBERS = cast(sa.Table, ArchiveMember.__table__)  # type: ignore[attr-defined]
-MANIFESTS = cast(sa.Table, EventManifest.__table__)  # type: ignore[attr-defined]
+__all__ = ["ARCHIVES", "EVENTS", "MANIFESTS", "MEMBERS", "count_and_page", "utc_day"]
 
 
 def count_and_page(

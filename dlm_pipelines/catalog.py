@@ -8,7 +8,9 @@ purge) racing on one event can never both win.
 from __future__ import annotations
 
 import enum
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from datetime import date as date_type
 from functools import cache
@@ -20,6 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlmodel import Column, Field, Session, SQLModel, col, select
 
+from dlm_pipelines.archive_locations import ArchiveFile, ArchiveMessage
 from dlm_pipelines.events import ImagingEvent
 from dlm_pipelines.manifest import Manifest
 
@@ -118,10 +121,6 @@ class EventRecord(SQLModel, table=True):
     archive_path: str | None = Field(default=None, max_length=1024)
     archived_at: datetime | None = _dt()
 
-    @property
-    def s3_url(self) -> str | None:
-        return f"{self.bucket}/{self.object_key}" if self.object_key else None
-
 
 class EventManifest(SQLModel, table=True):
     """What the event's tar holds, member by member (dlm_pipelines.manifest)."""
@@ -180,6 +179,14 @@ class ArchiveMember(SQLModel, table=True):
     ref_id: str | None = Field(default=None, index=True, max_length=36)
 
 
+# Typed handles of the tables, for SQLAlchemy Core statements (here and in the API).
+EVENTS: sa.Table = SQLModel.metadata.tables[EventRecord.__tablename__]
+ARCHIVE_JOBS: sa.Table = SQLModel.metadata.tables[ArchiveJob.__tablename__]
+ARCHIVES: sa.Table = SQLModel.metadata.tables[Archive.__tablename__]
+MEMBERS: sa.Table = SQLModel.metadata.tables[ArchiveMember.__tablename__]
+MANIFESTS: sa.Table = SQLModel.metadata.tables[EventManifest.__tablename__]
+
+
 def _rows(name: str, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> Any:
     """Literal rows to join an UPDATE with (a VALUES CTE): one statement for a batch."""
     if not rows:
@@ -225,8 +232,8 @@ def migrate(database_url: str) -> None:
 
 
 class Catalog(ConfigurableResource):
-    """Queries and state transitions of the event lifecycle (a Dagster resource, also
-    used directly by the API)."""
+    """Every write to the catalog, and the reads of the pipelines: the event lifecycle
+    and the archive entries. (The API reads the tables directly, see `dlm_api.tables`.)"""
 
     database_url: str
 
@@ -234,11 +241,13 @@ class Catalog(ConfigurableResource):
     def engine(self) -> Engine:
         return get_engine(self.database_url)
 
-    def migrate(self) -> None:
-        migrate(self.database_url)
-
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
+
+    def _insert(self, table: sa.Table) -> Any:
+        """INSERT with this backend's ON CONFLICT clauses."""
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        return dialect.insert(table)
 
     # --- intake ------------------------------------------------------------------------
 
@@ -271,15 +280,15 @@ class Catalog(ConfigurableResource):
         ]
         if not rows:
             return set()
-        table = EventRecord.__table__  # type: ignore[attr-defined]
-        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
         with self.engine.begin() as conn:
             existing = set(
                 conn.scalars(
-                    sa.select(table.c.ref_id).where(table.c.ref_id.in_([r["ref_id"] for r in rows]))
+                    sa.select(EVENTS.c.ref_id).where(
+                        EVENTS.c.ref_id.in_([r["ref_id"] for r in rows])
+                    )
                 )
             )
-            statement = dialect.insert(table).on_conflict_do_nothing(index_elements=["ref_id"])
+            statement = self._insert(EVENTS).on_conflict_do_nothing(index_elements=["ref_id"])
             conn.execute(statement, rows)
         return {str(r["ref_id"]) for r in rows} - existing
 
@@ -329,10 +338,9 @@ class Catalog(ConfigurableResource):
     # --- the export state machine --------------------------------------------------------
 
     def _update(self, ref_id: str, where: Any, **values: Any) -> bool:
-        table = EventRecord.__table__  # type: ignore[attr-defined]
         with self.engine.begin() as conn:
             result = conn.execute(
-                sa.update(table).where(table.c.ref_id == ref_id).where(where).values(**values)
+                sa.update(EVENTS).where(EVENTS.c.ref_id == ref_id).where(where).values(**values)
             )
         return result.rowcount == 1
 
@@ -344,8 +352,7 @@ class Catalog(ConfigurableResource):
         A claim held by a run that is no longer alive (killed daemon, crashed worker)
         is stale and may be taken over.
         """
-        table = EventRecord.__table__  # type: ignore[attr-defined]
-        claimable = table.c.status.in_(
+        claimable: sa.ColumnElement[bool] = EVENTS.c.status.in_(
             [
                 EventStatus.RECEIVED.value,
                 EventStatus.FAILED.value,
@@ -357,13 +364,15 @@ class Catalog(ConfigurableResource):
             # deleted it after the exporter looked).
             claimable = sa.or_(
                 claimable,
-                sa.and_(table.c.status == EventStatus.VERIFIED.value, table.c.purged_at.is_(None)),
+                sa.and_(
+                    EVENTS.c.status == EventStatus.VERIFIED.value, EVENTS.c.purged_at.is_(None)
+                ),
             )
         take = {
             "status": EventStatus.EXPORTING.value,
             "run_id": run_id,
             "claimed_at": utcnow(),
-            "attempts": table.c.attempts + 1,
+            "attempts": EVENTS.c.attempts + 1,
         }
         if self._update(ref_id, claimable, **take):
             return True
@@ -375,7 +384,7 @@ class Catalog(ConfigurableResource):
             # Compare-and-set on the old holder, so only one taker wins.
             return self._update(
                 ref_id,
-                sa.and_(table.c.status == EventStatus.EXPORTING.value, table.c.run_id == holder),
+                sa.and_(EVENTS.c.status == EventStatus.EXPORTING.value, EVENTS.c.run_id == holder),
                 **take,
             )
         return False
@@ -401,15 +410,14 @@ class Catalog(ConfigurableResource):
     ) -> datetime | None:
         """Record a verified upload (with its ETag and manifest, in one transaction);
         returns its time, or None if `run_id` lost the claim."""
-        table = EventRecord.__table__  # type: ignore[attr-defined]
         now = utcnow()
         with self.engine.begin() as conn:
             done = conn.execute(
-                sa.update(table)
+                sa.update(EVENTS)
                 .where(
-                    table.c.ref_id == ref_id,
-                    table.c.run_id == run_id,
-                    table.c.status == EventStatus.EXPORTING.value,
+                    EVENTS.c.ref_id == ref_id,
+                    EVENTS.c.run_id == run_id,
+                    EVENTS.c.status == EventStatus.EXPORTING.value,
                 )
                 .values(
                     status=EventStatus.VERIFIED.value,
@@ -426,6 +434,14 @@ class Catalog(ConfigurableResource):
                 self._store_manifest(conn, ref_id, sha256, manifest, "export", replace=True)
         return now if done else None
 
+    def release(self, ref_id: str, run_id: str, previous_status: str) -> None:
+        """Give back a claim without an export (a refused or needless re-export)."""
+        self._update(
+            ref_id,
+            sa.and_(EVENTS.c.run_id == run_id, EVENTS.c.status == EventStatus.EXPORTING.value),
+            status=previous_status,
+        )
+
     # --- manifests -----------------------------------------------------------------------
 
     def _store_manifest(
@@ -438,8 +454,6 @@ class Catalog(ConfigurableResource):
         *,
         replace: bool,
     ) -> bool:
-        table = EventManifest.__table__  # type: ignore[attr-defined]
-        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
         row = {
             "ref_id": ref_id,
             "tar_sha256": tar_sha256,
@@ -448,7 +462,7 @@ class Catalog(ConfigurableResource):
             "members": manifest.as_json(),
             "recorded_at": utcnow(),
         }
-        insert = dialect.insert(table).values(**row)
+        insert = self._insert(MANIFESTS).values(**row)
         if replace:
             statement = insert.on_conflict_do_update(
                 index_elements=["ref_id"], set_={k: v for k, v in row.items() if k != "ref_id"}
@@ -463,13 +477,12 @@ class Catalog(ConfigurableResource):
 
     def without_manifest(self, limit: int) -> list[EventRecord]:
         """Verified exports that have no manifest yet (exported before manifests)."""
-        manifests = EventManifest.__table__  # type: ignore[attr-defined]
         with self.session() as session:
             query = (
                 select(EventRecord)
                 .where(col(EventRecord.verified_at).is_not(None))
                 .where(col(EventRecord.object_key).is_not(None))
-                .where(~sa.exists().where(manifests.c.ref_id == col(EventRecord.ref_id)))
+                .where(~sa.exists().where(MANIFESTS.c.ref_id == col(EventRecord.ref_id)))
                 .order_by(col(EventRecord.ref_id))
                 .limit(limit)
             )
@@ -480,10 +493,9 @@ class Catalog(ConfigurableResource):
     ) -> bool:
         """Store a manifest read back from the object, if the event still has that tar
         and no manifest; also records the object's ETag where none was."""
-        table = EventRecord.__table__  # type: ignore[attr-defined]
         with self.engine.begin() as conn:
             current = conn.execute(
-                sa.select(table.c.sha256, table.c.etag).where(table.c.ref_id == ref_id)
+                sa.select(EVENTS.c.sha256, EVENTS.c.etag).where(EVENTS.c.ref_id == ref_id)
             ).first()
             if current is None or current.sha256 != tar_sha256:
                 return False
@@ -492,8 +504,8 @@ class Catalog(ConfigurableResource):
             )
             if stored and current.etag is None:
                 conn.execute(
-                    sa.update(table)
-                    .where(table.c.ref_id == ref_id, table.c.sha256 == tar_sha256)
+                    sa.update(EVENTS)
+                    .where(EVENTS.c.ref_id == ref_id, EVENTS.c.sha256 == tar_sha256)
                     .values(etag=etag)
                 )
         return stored
@@ -502,21 +514,11 @@ class Catalog(ConfigurableResource):
         self._update(ref_id, sa.true(), announced_at=utcnow())
 
     def mark_failed(self, ref_id: str, run_id: str, error: str) -> None:
-        table = EventRecord.__table__  # type: ignore[attr-defined]
         self._update(
             ref_id,
-            sa.and_(table.c.run_id == run_id, table.c.status == EventStatus.EXPORTING.value),
+            sa.and_(EVENTS.c.run_id == run_id, EVENTS.c.status == EventStatus.EXPORTING.value),
             status=EventStatus.FAILED.value,
             last_error=error[:4000],
-        )
-
-    def release(self, ref_id: str, run_id: str, previous_status: str) -> None:
-        """Give back a claim without an attempt (e.g. a forced re-export that was refused)."""
-        table = EventRecord.__table__  # type: ignore[attr-defined]
-        self._update(
-            ref_id,
-            sa.and_(table.c.run_id == run_id, table.c.status == EventStatus.EXPORTING.value),
-            status=previous_status,
         )
 
     # --- the purge of local copies -------------------------------------------------------
@@ -550,7 +552,6 @@ class Catalog(ConfigurableResource):
         the same stale holder), not purged, and the same object, size and sha256. So an
         event that a re-export claimed or re-verified meanwhile is not held.
         """
-        table = EventRecord.__table__  # type: ignore[attr-defined]
 
         def holder(record: EventRecord) -> str | None:
             return record.run_id if record.status == EventStatus.PURGING else None
@@ -567,26 +568,26 @@ class Catalog(ConfigurableResource):
         if as_read is None:
             return set()
         statement = (
-            sa.update(table)
+            sa.update(EVENTS)
             .where(
-                table.c.ref_id == as_read.c.ref_id,
-                table.c.bucket == as_read.c.bucket,
-                table.c.object_key == as_read.c.object_key,
-                table.c.size == as_read.c.size,
-                table.c.sha256 == as_read.c.sha256,
-                table.c.purged_at.is_(None),
+                EVENTS.c.ref_id == as_read.c.ref_id,
+                EVENTS.c.bucket == as_read.c.bucket,
+                EVENTS.c.object_key == as_read.c.object_key,
+                EVENTS.c.size == as_read.c.size,
+                EVENTS.c.sha256 == as_read.c.sha256,
+                EVENTS.c.purged_at.is_(None),
                 sa.or_(
                     sa.and_(
-                        table.c.status == EventStatus.VERIFIED.value, as_read.c.holder.is_(None)
+                        EVENTS.c.status == EventStatus.VERIFIED.value, as_read.c.holder.is_(None)
                     ),
                     sa.and_(
-                        table.c.status == EventStatus.PURGING.value,
-                        table.c.run_id == as_read.c.holder,
+                        EVENTS.c.status == EventStatus.PURGING.value,
+                        EVENTS.c.run_id == as_read.c.holder,
                     ),
                 ),
             )
             .values(status=EventStatus.PURGING.value, run_id=run_id)
-            .returning(table.c.ref_id)
+            .returning(EVENTS.c.ref_id)
         )
         with self.engine.begin() as conn:
             return set(conn.scalars(statement))
@@ -604,7 +605,6 @@ class Catalog(ConfigurableResource):
 
         The export's run_id comes back: run_id names the run that made the object.
         """
-        table = EventRecord.__table__  # type: ignore[attr-defined]
         verified, attention = EventStatus.VERIFIED.value, EventStatus.NEEDS_ATTENTION.value
         ends = _rows(
             "ends",
@@ -617,22 +617,200 @@ class Catalog(ConfigurableResource):
             return
         freed = sa.cast(ends.c.freed, sa.BigInteger())  # PostgreSQL: text if all are NULL
         statement = (
-            sa.update(table)
+            sa.update(EVENTS)
             .where(
-                table.c.ref_id == ends.c.ref_id,
-                table.c.status == EventStatus.PURGING.value,
-                table.c.run_id == run_id,
+                EVENTS.c.ref_id == ends.c.ref_id,
+                EVENTS.c.status == EventStatus.PURGING.value,
+                EVENTS.c.run_id == run_id,
             )
             .values(
                 status=ends.c.status,
                 run_id=ends.c.maker,
                 purged_at=sa.case(
                     (freed.is_not(None), sa.literal(utcnow(), UTCDateTime())),
-                    else_=table.c.purged_at,
+                    else_=EVENTS.c.purged_at,
                 ),
-                bytes_freed=sa.func.coalesce(freed, table.c.bytes_freed),
-                last_error=sa.func.coalesce(ends.c.error, table.c.last_error),
+                bytes_freed=sa.func.coalesce(freed, EVENTS.c.bytes_freed),
+                last_error=sa.func.coalesce(ends.c.error, EVENTS.c.last_error),
             )
         )
         with self.engine.begin() as conn:
             conn.execute(statement)
+
+    # --- archive locations ---------------------------------------------------------------
+
+    def record_archive_messages(
+        self, messages: Sequence[ArchiveMessage], received_at: datetime | None = None
+    ) -> list[RecordedJob]:
+        """Write the messages' jobs, archives and members; mark matched exports archived.
+
+        All in one transaction, so no message is ever half in the catalog, and the caller
+        acks only after it committed. Idempotent: recording a message again changes
+        nothing, except that members unmatched before are matched if their export exists.
+        A handful of statements per batch, not per message: sensor throughput depends on it.
+        """
+        if not messages:
+            return []
+        now = received_at or utcnow()
+        files: dict[str, tuple[ArchiveFile, str]] = {}  # id → (archive, job_id); first wins
+        for message in messages:
+            for archive in message.archives:
+                files.setdefault(archive.id, (archive, message.job_id))
+        # An archive file named twice (the same message redelivered, or a re-run) has the
+        # union of their keys as members.
+        keys = {
+            (a.id, a.path, key): None for m in messages for a in m.archives for key in a.src_keys
+        }
+        with self.engine.begin() as conn:
+            new_jobs = self._insert_jobs(conn, messages, now)
+            owners = _export_owners(conn, {key for _, _, key in keys})
+            archive_rows = [
+                {
+                    "id": archive.id,
+                    "path": archive.path,
+                    "event_type": archive.event_type,
+                    "experiment_id": archive.experiment_id,
+                    "created_at": now,
+                    "job_id": job_id,
+                }
+                for archive, job_id in files.values()
+            ]
+            # An archive that exists already (another job wrote the same file) keeps its row.
+            for rows in _chunks(archive_rows):
+                conn.execute(
+                    self._insert(ARCHIVES)
+                    .values(rows)
+                    .on_conflict_do_nothing(index_elements=["id"])
+                )
+            member_rows = [
+                {"archive_id": archive_id, "member_key": key, "ref_id": owners.get(key, (None,))[0]}
+                for archive_id, _, key in keys
+            ]
+            for rows in _chunks(member_rows):
+                upsert = self._insert(MEMBERS).values(rows)
+                # A member unmatched on an earlier delivery is matched now if its export exists.
+                conn.execute(
+                    upsert.on_conflict_do_update(
+                        index_elements=["archive_id", "member_key"],
+                        set_={"ref_id": sa.func.coalesce(MEMBERS.c.ref_id, upsert.excluded.ref_id)},
+                    )
+                )
+            archived: dict[str, str] = {}  # ref_id → path
+            for _, path, key in keys:
+                if key in owners:
+                    archived.setdefault(owners[key][0], path)
+            _mark_archived(conn, archived, now)
+
+        jobs, seen = [], set()
+        for message in messages:
+            jobs.append(
+                RecordedJob(
+                    message.job_id,
+                    message.date,
+                    first_delivery=message.job_id in new_jobs and message.job_id not in seen,
+                    archives=[_outcome(a, owners) for a in message.archives],
+                )
+            )
+            seen.add(message.job_id)
+        return jobs
+
+    def _insert_jobs(
+        self, conn: sa.Connection, messages: Sequence[ArchiveMessage], now: datetime
+    ) -> set[str]:
+        """Insert the jobs not yet known; returns their ids."""
+        rows = [
+            {
+                "job_id": m.job_id,
+                "date": m.date,
+                "archive_count": len(m.archives),
+                "received_at": now,
+                "message": m.document,
+            }
+            for m in messages
+        ]
+        new: set[str] = set()
+        for chunk in _chunks(rows):
+            statement = (
+                self._insert(ARCHIVE_JOBS)
+                .values(chunk)
+                .on_conflict_do_nothing(index_elements=["job_id"])
+            )
+            new.update(conn.scalars(statement.returning(ARCHIVE_JOBS.c.job_id)))
+        return new
+
+
+# --- archive locations: helpers of Catalog.record_archive_messages ---------------------------
+
+QUERY_CHUNK = 1000  # keys per IN (...) lookup or rows per INSERT
+
+
+@dataclass(frozen=True)
+class RecordedArchive:
+    path: str
+    id: str
+    member_count: int
+    by_partition: dict[str, list[str]]  # partition key → ref_ids of matched exports
+    unmatched_keys: list[str]
+
+
+@dataclass(frozen=True)
+class RecordedJob:
+    job_id: str
+    date: date_type
+    first_delivery: bool  # False: the job was already in the catalog (a redelivery)
+    archives: list[RecordedArchive] = field(default_factory=list)
+
+    @property
+    def unmatched_keys(self) -> list[str]:
+        return [key for archive in self.archives for key in archive.unmatched_keys]
+
+
+def _chunks(rows: list[dict[str, Any]]) -> Iterable[list[dict[str, Any]]]:
+    """Multi-row VALUES statements small enough for any driver's parameter limit."""
+    for start in range(0, len(rows), QUERY_CHUNK):
+        yield rows[start : start + QUERY_CHUNK]
+
+
+def _export_owners(conn: sa.Connection, keys: set[str]) -> dict[str, tuple[str, str]]:
+    """Bucket-prefixed key → (ref_id, partition key) of the export stored under it."""
+    object_keys = sorted({key.split("/", 1)[1] for key in keys if "/" in key})
+    owners: dict[str, tuple[str, str]] = {}
+    for start in range(0, len(object_keys), QUERY_CHUNK):
+        rows = conn.execute(
+            sa.select(
+                EVENTS.c.ref_id, EVENTS.c.bucket, EVENTS.c.object_key, EVENTS.c.partition_key
+            ).where(EVENTS.c.object_key.in_(object_keys[start : start + QUERY_CHUNK]))
+        )
+        for ref_id, bucket, object_key, partition_key in rows:
+            if f"{bucket}/{object_key}" in keys:
+                owners[f"{bucket}/{object_key}"] = (ref_id, partition_key)
+    return owners
+
+
+def _mark_archived(conn: sa.Connection, paths: dict[str, str], now: datetime) -> None:
+    """Set archive_path (ref_id → path) on exports that have none: the first archive an
+    export landed in is where it is, and a redelivery changes nothing."""
+    pairs = list(paths.items())
+    for start in range(0, len(pairs), QUERY_CHUNK):
+        chunk = dict(pairs[start : start + QUERY_CHUNK])
+        # CASE rather than UPDATE ... FROM (VALUES ...): SQLite cannot name VALUES columns.
+        conn.execute(
+            sa.update(EVENTS)
+            .where(EVENTS.c.ref_id.in_(list(chunk)), EVENTS.c.archive_path.is_(None))
+            .values(archive_path=sa.case(chunk, value=EVENTS.c.ref_id), archived_at=now)
+        )
+
+
+def _outcome(archive: ArchiveFile, owners: dict[str, tuple[str, str]]) -> RecordedArchive:
+    by_partition: dict[str, list[str]] = defaultdict(list)
+    for key in archive.src_keys:
+        if key in owners:
+            ref_id, partition_key = owners[key]
+            by_partition[partition_key].append(ref_id)
+    return RecordedArchive(
+        path=archive.path,
+        id=archive.id,
+        member_count=len(archive.src_keys),
+        by_partition=dict(by_partition),
+        unmatched_keys=[key for key in archive.src_keys if key not in owners],
+    )

@@ -21,9 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     migrate = sub.add_parser("migrate", help="create or upgrade the catalog schema")
     migrate.set_defaults(handler=_migrate)
-    # Further subcommands register here: api, mock-prince, dev.
-    from dlm_pipelines import mock_prince
-    from dlm_pipelines.dev import deployment, stack
+    from dlm_pipelines import deployment
+    from dlm_pipelines.dev import mock_prince, stack
 
     producer = sub.add_parser("mock-prince", help="produce imaging events like the microscopes")
     mock_prince.add_arguments(producer)

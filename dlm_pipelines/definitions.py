@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dagster import Definitions, in_process_executor
 
+from dlm_pipelines.assets.archive_locations import build_tape_archive
 from dlm_pipelines.assets.raw_export import build_raw_export
-from dlm_pipelines.assets.tape_archive import build_tape_archive
 from dlm_pipelines.catalog import Catalog
 from dlm_pipelines.jobs import build_purge_job, build_purge_schedule
 from dlm_pipelines.partitions import export_partitions
 from dlm_pipelines.resources import DataRoot, ObjectStore, RedisStreams
-from dlm_pipelines.resources.rabbitmq import ArchiveQueue
-from dlm_pipelines.sensors.archive import build_archive_sensor
+from dlm_pipelines.resources.archive_queue import ArchiveQueue
+from dlm_pipelines.sensors.archive_locations import build_archive_sensor
 from dlm_pipelines.sensors.imaging_events import build_imaging_event_sensor
 from dlm_pipelines.settings import Settings, get_settings
 
@@ -22,7 +22,7 @@ def build_resources(settings: Settings) -> dict[str, object]:
         "object_store": ObjectStore(
             bucket=settings.s3_bucket,
             endpoint_url=settings.s3_endpoint_url,
-            region=settings.aws_region,
+            region_name=settings.aws_region,
             part_size_mib=settings.export_part_size_mib,
             part_concurrency=settings.export_part_concurrency,
         ),

@@ -93,7 +93,9 @@ class Exporter:
                 ref_id=ref_id,
                 condition=condition,
             )
-            etag = self.store.verify(key, size=result.size, sha256=result.sha256, ref_id=ref_id)
+            etag = self.store.verify_object(
+                key, size=result.size, sha256=result.sha256, ref_id=ref_id
+            )
             uploaded_at = self.catalog.mark_verified(
                 ref_id,
                 self.run_id,
@@ -127,7 +129,7 @@ class Exporter:
             return None
         assert record.object_key and record.size is not None and record.sha256
         try:
-            self.store.verify(
+            self.store.verify_object(
                 record.object_key,
                 size=record.size,
                 sha256=record.sha256,

@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from dlm_pipelines.catalog import Catalog
+from dlm_pipelines.catalog import Catalog, migrate
 from dlm_pipelines.manifest import Manifest, from_tar
 from dlm_pipelines.resources import ObjectStore
 
@@ -89,10 +89,12 @@ def run(_: argparse.Namespace) -> int:
     from dlm_pipelines.settings import get_settings
 
     settings = get_settings()
+    migrate(settings.database_url)
     catalog = Catalog(database_url=settings.database_url)
-    catalog.migrate()
     store = ObjectStore(
-        bucket=settings.s3_bucket, endpoint_url=settings.s3_endpoint_url, region=settings.aws_region
+        bucket=settings.s3_bucket,
+        endpoint_url=settings.s3_endpoint_url,
+        region_name=settings.aws_region,
     )
     report = backfill(catalog, store)
     for ref_id, why in report.failed.items():

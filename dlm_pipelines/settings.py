@@ -11,10 +11,20 @@ from datetime import date, timedelta
 from functools import cache
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def hide_password(url: str) -> str:
+    """The URL with its password replaced by `***`, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def default_dagster_home() -> Path:
@@ -80,7 +90,7 @@ class Settings(BaseSettings):
     # Never-tried events older than this, with no run waiting, get a run again.
     sensor_sweep_after_seconds: float = Field(default=300.0, gt=0)
 
-    # --- purge of local copies (jobs/purge.py) ---------------------------------------
+    # --- purge of local copies (purger.py) --------------------------------------------
     purge_cron: str = "0 */2 * * *"
     purge_timezone: str = "Europe/Amsterdam"
     # Seconds or ISO-8601 (PT8H), counted from when the event was received.

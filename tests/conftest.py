@@ -74,7 +74,7 @@ def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this session, dropped at the end."""
     import sqlalchemy as sa
 
-    from dlm_pipelines.dev.postgres import temporary_database
+    from tests.postgres import temporary_database
 
     try:
         sa.create_engine(POSTGRES_ADMIN_URL).connect().close()
@@ -89,10 +89,10 @@ def catalog(postgres_url: str):
     """The catalog on PostgreSQL, migrated, emptied for each test."""
     import sqlalchemy as sa
 
-    from dlm_pipelines.catalog import Catalog
+    from dlm_pipelines.catalog import Catalog, migrate
 
     catalog = Catalog(database_url=postgres_url)
-    catalog.migrate()
+    migrate(catalog.database_url)
     with catalog.engine.begin() as conn:
         tables = [t for t in sa.inspect(conn).get_table_names() if t != "alembic_version"]
         if tables:

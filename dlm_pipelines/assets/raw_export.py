@@ -9,8 +9,6 @@ from dagster import (
     AssetsDefinition,
     Backoff,
     Config,
-    DagsterInstance,
-    DagsterRunStatus,
     Failure,
     Jitter,
     MaterializeResult,
@@ -25,18 +23,11 @@ from dagster import (
 from pydantic import Field
 
 from dlm_pipelines.catalog import Catalog, EventRecord, EventStatus
+from dlm_pipelines.dagster_runs import run_is_alive
 from dlm_pipelines.exporter import Exporter, ExportOutcome
 from dlm_pipelines.resources import DataRoot, ObjectStore, RedisStreams
 from dlm_pipelines.settings import Settings
 
-# A run that is in one of these states may still be working on what it claimed.
-LIVE_RUN_STATUSES = {
-    DagsterRunStatus.QUEUED,
-    DagsterRunStatus.NOT_STARTED,
-    DagsterRunStatus.STARTING,
-    DagsterRunStatus.STARTED,
-    DagsterRunStatus.CANCELING,
-}
 EXPORT_TABLE_SCHEMA = TableSchema(
     columns=[
         TableColumn("ref_id", "string"),
@@ -57,11 +48,6 @@ class ExportConfig(Config):
         default=False,
         description="Re-upload events that are already verified, if their local data exists.",
     )
-
-
-def run_is_alive(instance: DagsterInstance, run_id: str) -> bool:
-    run = instance.get_run_by_id(run_id)
-    return run is not None and run.status in LIVE_RUN_STATUSES
 
 
 def select_events(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import socket
 import urllib.error
 import urllib.request
-from urllib.parse import urlsplit
+
+from dlm_pipelines.settings import hide_password
 
 LOOPBACK = "127.0.0.1"
 
@@ -25,13 +26,6 @@ def rabbitmq_problem(url: str | None) -> str | None:
     except Exception as exc:
         return f"nothing answers at {hide_password(url)} ({type(exc).__name__} {exc})".strip()
     return None
-
-
-def hide_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@", 1)
-    return url
 
 
 def http_status(url: str, timeout: float = 2) -> int | None:

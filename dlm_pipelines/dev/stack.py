@@ -28,17 +28,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from dlm_pipelines.dev.deployment import migrate_dagster_instance, prepare_dagster_home
+from dlm_pipelines.deployment import set_up
 from dlm_pipelines.dev.environment import settings_env
 from dlm_pipelines.dev.probes import (
     LOOPBACK,
     free_port,
-    hide_password,
     http_status,
     rabbitmq_problem,
 )
 from dlm_pipelines.dev.processes import MARKER, ManagedProcess, kill_marked
 from dlm_pipelines.dev.redis_server import EmbeddedRedis, embedded_port, redis_answers
+from dlm_pipelines.settings import hide_password
 
 if TYPE_CHECKING:
     from dlm_pipelines.dev.seaweedfs import SeaweedFS
@@ -93,7 +93,6 @@ class DevStack:
         self.redis_url = self.settings.redis_url
         self.redis_embedded = False
         self.rabbitmq_idle_reason: str | None = None
-        self.notes: list[str] = []
         self._lock: IO[str] | None = None
 
     # --- state kept under .dlm ---
@@ -268,22 +267,19 @@ class DevStack:
                 "stay idle and no tape-archive locations will arrive"
             )
 
-    def migrate_catalog(self) -> None:
-        from dlm_pipelines.catalog import migrate
-
-        migrate(self.database_url)
-
-    def prepare_dagster_instance(self) -> None:
-        """dagster.yaml for this setup, then the storage schema, before any Dagster process."""
-        prepare_dagster_home(
-            self.dagster_home, self.project_dir, self.settings.dagster_postgres_url
-        )
-        migrate_dagster_instance(
-            self.env, self.project_dir, self.logs / "dagster-instance-migrate.log"
+    def set_up(self) -> None:
+        """What `dlm setup` does in production: the catalog schema, then the Dagster
+        instance file and storage schema, before any Dagster process starts."""
+        set_up(
+            database_url=self.database_url,
+            dagster_postgres_url=self.settings.dagster_postgres_url,
+            dagster_home=self.dagster_home,
+            project_dir=self.project_dir,
+            env=self.env,
+            say=lambda _line: None,
         )
 
     def start_dagster(self, webserver: bool = True, daemon: bool = True) -> None:
-        self.prepare_dagster_instance()
         workspace = str(self.project_dir / "workspace.yaml")
         if webserver:
             self._process(
@@ -301,21 +297,8 @@ class DevStack:
         if daemon:
             self._process("daemon", [self._bin("dagster-daemon"), "run", "-w", workspace]).start()
 
-    def api_available(self) -> bool:
-        from dlm_pipelines.cli import build_parser
-
-        return any(
-            isinstance(action, argparse._SubParsersAction) and "api" in action.choices
-            for action in build_parser()._actions
-        )
-
-    def start_api(self) -> bool:
-        if not self.api_available():
-            self.notes.append("the API is not started: this version has no `dlm api` command")
-            self.say(self.notes[-1])
-            return False
+    def start_api(self) -> None:
         self._process("api", [self._bin("dlm"), "api"]).start()
-        return True
 
     def start_mock_prince(self, args: Sequence[str] = DEFAULT_MOCK_PRINCE_ARGS) -> None:
         self._process("mock-prince", [self._bin("dlm"), "mock-prince", *args]).start()
@@ -378,7 +361,7 @@ class DevStack:
         self.start_object_store()
         self.start_redis()
         self.check_rabbitmq()
-        self.migrate_catalog()
+        self.set_up()
         self.start_dagster()
         self.start_api()
         self.say("waiting for the Dagster UI to load the code location …")

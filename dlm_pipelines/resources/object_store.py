@@ -1,7 +1,11 @@
 """The S3-compatible object store (SeaweedFS in development, any S3 API in production).
 
-Credentials come from boto3's standard chain (`AWS_ACCESS_KEY_ID`, ...), so they
-never appear in Dagster's resource config.
+Built on dagster-aws's `ResourceWithS3Configuration`, so the Dagster UI shows the
+familiar S3 fields (`endpoint_url`, `region_name`, `max_attempts`, ...). Credentials
+come from boto3's standard chain (`AWS_ACCESS_KEY_ID`, ...), never from resource
+config. The client is our own: path-style addressing (SeaweedFS, MinIO), a pool large
+enough for parallel part uploads, and timeouts, none of which dagster-aws's
+`construct_s3_client` sets.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
-from dagster import ConfigurableResource
+from dagster_aws.s3.resources import ResourceWithS3Configuration
 
 from dlm_pipelines.tar_stream import UploadResult, upload_tar
 
@@ -27,34 +31,34 @@ class VerificationError(RuntimeError):
     """The stored object does not match what was uploaded or what the catalog says."""
 
 
+MAX_POOL_CONNECTIONS = 64  # parts in flight across the events a run exports at once
+
+
 @cache
-def _client(endpoint_url: str | None, region: str, max_pool_connections: int) -> Any:
+def _client(endpoint_url: str | None, region: str | None, max_attempts: int) -> Any:
+    """One client (and connection pool) per process and configuration."""
     config = Config(
         region_name=region,
-        signature_version="s3v4",  # presigned URLs too (botocore defaults to SigV2 there)
+        signature_version="s3v4",
         s3={"addressing_style": "path"},
-        retries={"mode": "standard", "max_attempts": 5},
+        retries={"mode": "standard", "total_max_attempts": max_attempts},
         connect_timeout=10,
         read_timeout=120,
-        max_pool_connections=max_pool_connections,
+        max_pool_connections=MAX_POOL_CONNECTIONS,
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
 
 
-class ObjectStore(ConfigurableResource):
+class ObjectStore(ResourceWithS3Configuration):
     bucket: str
-    endpoint_url: str | None = None
-    region: str = "us-east-1"
+    region_name: str | None = "us-east-1"
+    max_attempts: int = 6  # the first try and five retries
     part_size_mib: int = 16
     part_concurrency: int = 4
 
     @property
     def client(self) -> Any:
-        return _client(self.endpoint_url, self.region, 64)
-
-    def full_key(self, key: str) -> str:
-        """The bucket-prefixed key the contracts use (`<bucket>/<key>`)."""
-        return f"{self.bucket}/{key}"
+        return _client(self.endpoint_url, self.region_name, self.max_attempts)
 
     def head(self, key: str) -> dict[str, Any] | None:
         """HEAD the object; None if there is none."""
@@ -142,7 +146,7 @@ class ObjectStore(ConfigurableResource):
         if "IfMatch" in condition and (head is None or head["ETag"] != condition["IfMatch"]):
             raise VerificationError(f"s3://{self.bucket}/{key} is no longer the object expected")
 
-    def verify(
+    def verify_object(
         self,
         key: str,
         *,
@@ -153,7 +157,7 @@ class ObjectStore(ConfigurableResource):
     ) -> str:
         """A fresh HEAD must show exactly this size and sha256 (and ref_id and the store's
         ETag, if given); returns the ETag. Our sha256 metadata alone proves nothing: it
-        can be copied onto other bytes, the ETag is the store's own."""
+        can be copied onto other bytes; the ETag is the store's own."""
         head = self.head(key)
         where = f"s3://{self.bucket}/{key}"
         if head is None:
@@ -186,13 +190,6 @@ class ObjectStore(ConfigurableResource):
     def ref_id_of(head: dict[str, Any]) -> str | None:
         """The ref-id recorded in an object's metadata (None for foreign objects)."""
         return {k.lower(): v for k, v in head.get("Metadata", {}).items()}.get(REF_ID_META)
-
-    def presigned_url(self, key: str, expires_in: int) -> str:
-        return str(
-            self.client.generate_presigned_url(
-                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_in
-            )
-        )
 
     def ensure_bucket(self) -> None:
         """Create the bucket if it is missing (development stacks)."""

@@ -12,7 +12,6 @@ from dagster import (
     AssetKey,
     AssetObservation,
     AssetsDefinition,
-    DagsterRunStatus,
     DefaultSensorStatus,
     MultiPartitionsDefinition,
     RunRequest,
@@ -23,16 +22,19 @@ from dagster import (
     sensor,
 )
 
-from dlm_pipelines.assets.raw_export import run_is_alive
 from dlm_pipelines.catalog import Catalog, EventStatus, utcnow
+from dlm_pipelines.dagster_runs import (
+    RUNNING_STATUSES,
+    WAITING_RUN_STATUSES,
+    partition_has_run,
+    run_is_alive,
+)
 from dlm_pipelines.events import ImagingEvent, InvalidEvent, parse_imaging_event
 from dlm_pipelines.partitions import partition_key_for, system_of
 from dlm_pipelines.resources import RedisStreams
 from dlm_pipelines.settings import Settings
 
 INITIAL_CURSOR = "0-0"
-WAITING_RUN_STATUSES = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED]
-RUNNING_STATUSES = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
 # Every raw_export run carries this tag (multi-partition runs get one per dimension).
 SYSTEM_PARTITION_TAG = "dagster/partition/system"
 
@@ -100,7 +102,7 @@ def build_imaging_event_sensor(
         for partition_key, items in batches.items():
             if not partitions_def.has_partition_key(partition_key):
                 continue  # a day that has not begun yet; the sweep picks it up later
-            if _has_run(context, partition_key, WAITING_RUN_STATUSES):
+            if partition_has_run(context.instance, partition_key, WAITING_RUN_STATUSES):
                 continue  # the queued run takes every pending event when it starts
             ref_ids = list(dict.fromkeys(ref_id for ref_id, _ in items))
             run_requests.append(
@@ -124,7 +126,7 @@ def build_imaging_event_sensor(
         for partition_key in dict.fromkeys(orphaned):
             if partition_key in requested or not partitions_def.has_partition_key(partition_key):
                 continue
-            if _has_run(context, partition_key, WAITING_RUN_STATUSES):
+            if partition_has_run(context.instance, partition_key, WAITING_RUN_STATUSES):
                 continue
             requested.add(partition_key)
             context.log.warning(f"{partition_key}: events nobody is exporting; requesting a run")
@@ -159,15 +161,6 @@ def _skip_reason(entries: list, rejected: int, duplicates: list[str]) -> str:
         f"{len(entries)} entr(ies) read, none needs a new run ({rejected} dead-lettered, "
         f"{len(duplicates)} repeated; others wait for a queued run)"
     )
-
-
-def _has_run(
-    context: SensorEvaluationContext, partition_key: str, statuses: list[DagsterRunStatus]
-) -> bool:
-    runs = context.instance.get_run_records(
-        filters=RunsFilter(statuses=statuses, tags={"dagster/partition": partition_key}), limit=1
-    )
-    return bool(runs)
 
 
 def _fail_silent_runs(context: SensorEvaluationContext, stale_after: timedelta) -> None:

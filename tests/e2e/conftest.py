@@ -17,10 +17,10 @@ PURGE_LIFESPAN = timedelta(seconds=20)
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory, rabbitmq_url: str) -> Iterator:
-    from dlm_pipelines.dev.postgres import temporary_database
     from dlm_pipelines.dev.seaweedfs import free_port_block
     from dlm_pipelines.dev.stack import DevStack
     from dlm_pipelines.settings import Settings
+    from tests.postgres import temporary_database
 
     state = tmp_path_factory.mktemp("stack")
     prefix = f"dlm-e2e:{uuid.uuid4().hex[:8]}"

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from dlm_api.app import create_app
 from dlm_api.tables import ARCHIVES, EVENTS, MEMBERS
-from dlm_pipelines.catalog import ArchiveJob, utcnow
+from dlm_pipelines.catalog import ARCHIVE_JOBS, utcnow
 from dlm_pipelines.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -74,7 +74,7 @@ def insert_archive(catalog, path: str, members: list[tuple[str, str | None]]) ->
     kind, experiment_id, _ = path.split("/")
     with catalog.engine.begin() as conn:
         conn.execute(
-            sa.insert(ArchiveJob.__table__),  # type: ignore[attr-defined]
+            sa.insert(ARCHIVE_JOBS),
             [
                 {
                     "job_id": job_id,

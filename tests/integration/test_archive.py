@@ -21,13 +21,13 @@ from dagster import AssetKey, DagsterInstance, SensorResult, SkipReason, build_s
 from pika.adapters.blocking_connection import BlockingChannel
 from sqlmodel import col, select
 
-from dlm_pipelines.catalog import Archive, ArchiveJob, ArchiveMember, Catalog, EventRecord
+from dlm_pipelines.archive_locations import archive_id, parse_archive_message
+from dlm_pipelines.catalog import Archive, ArchiveJob, ArchiveMember, Catalog, EventRecord, migrate
 from dlm_pipelines.definitions import build_definitions
 from dlm_pipelines.events import parse_imaging_event
 from dlm_pipelines.partitions import partition_key_for
-from dlm_pipelines.resources.rabbitmq import ARCHIVE_EXCHANGE, REASON_HEADER, ArchiveQueue
+from dlm_pipelines.resources.archive_queue import ARCHIVE_EXCHANGE, REASON_HEADER, ArchiveQueue
 from dlm_pipelines.settings import Settings
-from dlm_pipelines.tape_archive import archive_id, parse_archive_message, record_archive_messages
 from tests.conftest import FIXTURES, load_fixture
 
 pytestmark = pytest.mark.integration
@@ -410,7 +410,7 @@ def test_broker_down_is_a_clear_skip(dagster_instance) -> None:
 def test_recording_works_on_the_sqlite_catalog_too(tmp_path) -> None:
     """SQLite is the catalog of the one-command dev stack."""
     catalog = Catalog(database_url=f"sqlite:///{tmp_path / 'catalog.sqlite'}")
-    catalog.migrate()
+    migrate(catalog.database_url)
     path, (key, other) = (
         "images/exp-a/20261130.tar",
         load_fixture(SAMPLES[0])["archives"][0]["src_keys"],
@@ -418,9 +418,9 @@ def test_recording_works_on_the_sqlite_catalog_too(tmp_path) -> None:
     ref_id = catalogued_export(catalog, key)
     message = parse_archive_message((FIXTURES / SAMPLES[0]).read_bytes())
 
-    first, again = record_archive_messages(catalog, [message, message])
+    first, again = catalog.record_archive_messages([message, message])
     assert first.first_delivery and not again.first_delivery
-    assert record_archive_messages(catalog, [message])[0].unmatched_keys == [other]
+    assert catalog.record_archive_messages([message])[0].unmatched_keys == [other]
     assert members(catalog, path) == {key: ref_id, other: None}
     record = catalog.get(ref_id)
     assert record is not None and record.archive_path == path

@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 from dagster import AssetObservation, DagsterRunStatus
 
-from dlm_pipelines.catalog import Catalog, EventRecord, EventStatus
+from dlm_pipelines.catalog import EVENTS, Catalog, EventRecord, EventStatus
 from dlm_pipelines.definitions import build_definitions
 from dlm_pipelines.resources import ObjectStore
 from tests.integration.helpers import (
@@ -412,11 +412,7 @@ def test_never_tried_events_without_a_run_are_swept(
     publish(streams, fields)
     tick = run_sensor(dlm, dagster_instance)  # the run request is "lost": never launched
     with catalog.engine.begin() as conn:
-        conn.execute(
-            sa.update(EventRecord.__table__).values(
-                received_at=datetime.now(UTC) - timedelta(hours=1)
-            )
-        )
+        conn.execute(sa.update(EVENTS).values(received_at=datetime.now(UTC) - timedelta(hours=1)))
     sweep = run_sensor(dlm, dagster_instance, cursor=tick.cursor)
     assert [r.partition_key for r in sweep.run_requests] == [f"{TODAY}|prince"]
     assert sweep.run_requests[0].tags["dlm/trigger"] == "sweep"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from dlm_pipelines.dev.mock_prince import MockPrince, produce
 from dlm_pipelines.events import parse_imaging_event, resolve_source
-from dlm_pipelines.mock_prince import MockPrince, produce
 
 pytestmark = pytest.mark.integration
 SYSTEMS = ("prince", "tsu-exp002", "tsu-exp003")

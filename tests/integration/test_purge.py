@@ -21,11 +21,20 @@ import pytest
 import sqlalchemy as sa
 from dagster import AssetKey, DagsterEventType
 
-from dlm_pipelines.catalog import Catalog, EventRecord, EventStatus, utcnow
+from dlm_pipelines.catalog import Catalog, EventRecord, EventStatus, migrate, utcnow
 from dlm_pipelines.definitions import build_definitions
 from dlm_pipelines.events import parse_imaging_event
 from dlm_pipelines.exporter import Exporter
-from dlm_pipelines.jobs.purge import (
+from dlm_pipelines.partitions import partition_key_for
+from dlm_pipelines.purge_policy import (
+    NOT_OPTED_IN,
+    NOT_VERIFIED,
+    TOO_YOUNG,
+    DiskLevel,
+    PurgePolicy,
+    Why,
+)
+from dlm_pipelines.purger import (
     CHANGED_LOCALLY,
     HELD,
     SOURCE_MISSING,
@@ -33,8 +42,6 @@ from dlm_pipelines.jobs.purge import (
     PurgeOutcome,
     Purger,
 )
-from dlm_pipelines.partitions import partition_key_for
-from dlm_pipelines.purge import NOT_OPTED_IN, NOT_VERIFIED, TOO_YOUNG, DiskLevel, PurgePolicy, Why
 from dlm_pipelines.resources import DataRoot, ObjectStore, RedisStreams
 from tests.integration.helpers import make_event, make_settings, untar
 
@@ -486,7 +493,7 @@ def test_export_and_purge_racing_on_one_event_never_lose_data(lab) -> None:
         if not lab.source(record).exists():
             # deleted: S3 holds exactly the bytes that were on disk, as the catalog says
             assert final.purged_at is not None and results["purge"].why is not None
-            lab.store.verify(
+            lab.store.verify_object(
                 final.object_key, size=final.size, sha256=final.sha256, ref_id=final.ref_id
             )
             body = lab.store.client.get_object(Bucket=lab.store.bucket, Key=final.object_key)
@@ -499,7 +506,7 @@ def test_export_and_purge_racing_on_one_event_never_lose_data(lab) -> None:
 
 def test_the_purge_works_on_the_default_sqlite_catalog(object_store, streams, tmp_path) -> None:
     sqlite_catalog = Catalog(database_url=f"sqlite:///{tmp_path / 'catalog.sqlite'}")
-    sqlite_catalog.migrate()
+    migrate(sqlite_catalog.database_url)
     root = tmp_path / "data"
     root.mkdir()
     lab = Lab(sqlite_catalog, object_store, streams, root)

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from dlm_pipelines.catalog import EventRecord, EventStatus, utcnow
-from dlm_pipelines.purge import DiskLevel, PurgePolicy
+from dlm_pipelines.purge_policy import DiskLevel, PurgePolicy
 from tests.integration.test_purge import LIFESPAN, Lab
 
 pytestmark = pytest.mark.integration

@@ -102,7 +102,7 @@ def test_a_file_shrinking_midway_leaves_no_object_and_no_open_upload(
 def client_with_hook(object_store, hook) -> object:
     """A client of its own (the store's is shared) with `hook` before each part is sent."""
     client = boto3.client(
-        "s3", endpoint_url=object_store.endpoint_url, region_name=object_store.region
+        "s3", endpoint_url=object_store.endpoint_url, region_name=object_store.region_name
     )
     client.meta.events.register("before-send.s3.UploadPart", hook)
     return client

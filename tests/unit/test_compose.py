@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dlm_pipelines.dev.deployment import POSTGRES_CONFIG, instance_config
+from dlm_pipelines.deployment import POSTGRES_CONFIG, instance_config
 from dlm_pipelines.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dlm_pipelines.dev.deployment import (
+from dlm_pipelines.deployment import (
     POSTGRES_CONFIG,
     SQLITE_CONFIG,
     instance_config,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from dlm_pipelines.cli import build_parser
+from dlm_pipelines.dev.mock_prince import MALFORMATIONS, MockPrince, parse_size, produce, tiff_bytes
 from dlm_pipelines.events import InvalidEvent, parse_imaging_event, resolve_source
-from dlm_pipelines.mock_prince import MALFORMATIONS, MockPrince, parse_size, produce, tiff_bytes
 
 SYSTEMS = ("prince", "tsu-exp002", "tsu-exp003")
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from dlm_pipelines.catalog import EventRecord, EventStatus
-from dlm_pipelines.purge import (
+from dlm_pipelines.purge_policy import (
     ALREADY_PURGED,
     NEEDS_ATTENTION,
     NO_OBJECT,

@@ -9,7 +9,7 @@ from datetime import date
 
 import pytest
 
-from dlm_pipelines.tape_archive import (
+from dlm_pipelines.archive_locations import (
     ARCHIVE_ID_NAMESPACE,
     InvalidArchiveMessage,
     archive_id,

@@ -6,11 +6,11 @@ from datetime import date
 
 from dagster import DefaultSensorStatus, SkipReason, build_sensor_context
 
+from dlm_pipelines.catalog import RecordedArchive, RecordedJob
 from dlm_pipelines.definitions import build_definitions
 from dlm_pipelines.partitions import export_partitions
-from dlm_pipelines.sensors.archive import materializations
+from dlm_pipelines.sensors.archive_locations import materializations
 from dlm_pipelines.settings import Settings
-from dlm_pipelines.tape_archive import RecordedArchive, RecordedJob
 
 
 def settings(**changes: object) -> Settings:

@@ -2,7 +2,7 @@
 
 The one rule: no local data is deleted unless a verified copy of exactly those bytes
 is in S3. This module decides from catalog rows, the clock and a disk reading only;
-the purge job (`jobs/purge.py`) then proves each decision with a fresh HEAD of the
+the purge engine (`purger.py`) then proves each decision with a fresh HEAD of the
 object, while it holds the event in the catalog, before it deletes anything.
 """
 
@@ -54,7 +54,7 @@ class Why(StrEnum):
     DISK_PRESSURE = "disk pressure"
 
 
-# Skip reasons decided here; jobs/purge.py adds those that need the disk or S3.
+# Skip reasons decided here; purger.py adds those that need the disk or S3.
 NOT_OPTED_IN = "system not in DLM_PURGE_SYSTEMS"
 ALREADY_PURGED = "already purged"
 NEEDS_ATTENTION = "needs attention"

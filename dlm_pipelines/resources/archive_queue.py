@@ -13,7 +13,6 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pika
 import pika.exceptions
@@ -21,6 +20,7 @@ from dagster import ConfigurableResource
 from pika.adapters.blocking_connection import BlockingChannel
 
 from dlm_pipelines.catalog import utcnow
+from dlm_pipelines.settings import hide_password
 
 # Declared exactly as the archiver declares it: fanout, NOT durable (a durable
 # declaration of the existing exchange fails with PRECONDITION_FAILED).
@@ -38,14 +38,6 @@ class Delivery:
     body: bytes
     properties: pika.BasicProperties
     redelivered: bool
-
-
-def without_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @contextmanager
@@ -81,10 +73,10 @@ class ArchiveQueue(ConfigurableResource):
         params.stack_timeout = self.timeout_seconds
         params.blocked_connection_timeout = self.timeout_seconds
         params.client_properties = {"connection_name": self.connection_name}
-        with _broker_errors(f"cannot connect to RabbitMQ at {without_password(self.url)}"):
+        with _broker_errors(f"cannot connect to RabbitMQ at {hide_password(self.url)}"):
             connection = pika.BlockingConnection(params)
         try:
-            with _broker_errors(f"cannot declare the queues on {without_password(self.url)}"):
+            with _broker_errors(f"cannot declare the queues on {hide_password(self.url)}"):
                 channel = connection.channel()
                 channel.exchange_declare(ARCHIVE_EXCHANGE, exchange_type="fanout", durable=False)
                 channel.queue_declare(self.queue, durable=True)

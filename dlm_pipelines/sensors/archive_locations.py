@@ -23,17 +23,15 @@ from dagster import (
     sensor,
 )
 
-from dlm_pipelines.assets.tape_archive import TAPE_ARCHIVE
-from dlm_pipelines.catalog import Catalog
-from dlm_pipelines.resources.rabbitmq import ArchiveQueue, BrokerError, Delivery
-from dlm_pipelines.settings import Settings
-from dlm_pipelines.tape_archive import (
+from dlm_pipelines.archive_locations import (
     ArchiveMessage,
     InvalidArchiveMessage,
-    RecordedJob,
     parse_archive_message,
-    record_archive_messages,
 )
+from dlm_pipelines.assets.archive_locations import TAPE_ARCHIVE
+from dlm_pipelines.catalog import Catalog, RecordedJob
+from dlm_pipelines.resources.archive_queue import ArchiveQueue, BrokerError, Delivery
+from dlm_pipelines.settings import Settings
 
 # Stop taking messages after this long, well inside Dagster's 60 s sensor timeout.
 TICK_BUDGET_SECONDS = 30.0
@@ -98,7 +96,7 @@ def build_archive_sensor(
                         tick.stopped_by = f"tick budget of {TICK_BUDGET_SECONDS:.0f} s used"
                         break
                 # One transaction for the batch; a catalog error raises with nothing acked.
-                tick.jobs = record_archive_messages(catalog, [m for _, m in taken])
+                tick.jobs = catalog.record_archive_messages([m for _, m in taken])
                 for (delivery, _), job in zip(taken, tick.jobs, strict=True):
                     _log_job(context, job, delivery.redelivered)
                 for delivery, _ in taken:

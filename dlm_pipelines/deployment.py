@@ -1,12 +1,15 @@
 """Preparing a deployment: the catalog schema, the Dagster instance, the bucket.
 
 `dlm setup` runs every step, idempotently, before the long-running processes
-start (compose runs it as a one-shot service; `make dev` and the end-to-end test
-call the same functions). The Dagster instance file follows one rule everywhere:
-with `DLM_DAGSTER_POSTGRES_URL` set, runs, events and schedules live in
-PostgreSQL (`dagster.postgres.yaml`), otherwise in SQLite under DAGSTER_HOME
-(`dagster.yaml`). Both files live at the project root; the copy in DAGSTER_HOME
-is rewritten on every setup, so the repository stays the source of truth.
+start (compose runs it as a one-shot service); `make dev` and the end-to-end tests
+call the same `set_up`. The catalog's schema has one entry point,
+`dlm_pipelines.catalog.migrate`, which `dlm migrate` and this module call.
+
+The Dagster instance file follows one rule everywhere: with
+`DLM_DAGSTER_POSTGRES_URL` set, runs, events and schedules live in PostgreSQL
+(`dagster.postgres.yaml`), otherwise in SQLite under DAGSTER_HOME (`dagster.yaml`).
+Both files live at the project root; the copy in DAGSTER_HOME is rewritten on every
+setup, so the repository stays the source of truth.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 SQLITE_CONFIG = "dagster.yaml"
@@ -67,6 +70,25 @@ def migrate_dagster_instance(
         raise RuntimeError(f"`dagster instance migrate` failed; see {log_path}:\n{tail}")
 
 
+def set_up(
+    *,
+    database_url: str,
+    dagster_postgres_url: str | None,
+    dagster_home: Path,
+    project_dir: Path,
+    env: Mapping[str, str],
+    say: Callable[[str], None],
+) -> None:
+    """Catalog schema, then the Dagster instance file and its storage schema."""
+    from dlm_pipelines.catalog import migrate
+
+    migrate(database_url)
+    say("catalog schema is up to date")
+    source = prepare_dagster_home(dagster_home, project_dir, dagster_postgres_url)
+    migrate_dagster_instance(env, project_dir, dagster_home / "migrate.log")
+    say(f"Dagster instance {dagster_home} ({source.name}) is up to date")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--project-dir", type=Path, default=Path.cwd(), help="where dagster*.yaml are"
@@ -77,7 +99,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dlm_pipelines.catalog import migrate
     from dlm_pipelines.resources import ObjectStore
     from dlm_pipelines.settings import get_settings
 
@@ -85,11 +106,14 @@ def run(args: argparse.Namespace) -> int:
     home = os.environ.get("DAGSTER_HOME")
     if not home:
         raise SystemExit("dlm setup: DAGSTER_HOME is not set")
-    migrate(settings.database_url)
-    print("catalog schema is up to date", flush=True)
-    source = prepare_dagster_home(Path(home), args.project_dir, settings.dagster_postgres_url)
-    migrate_dagster_instance(os.environ, args.project_dir, Path(home) / "migrate.log")
-    print(f"Dagster instance {home} ({source.name}) is up to date", flush=True)
+    set_up(
+        database_url=settings.database_url,
+        dagster_postgres_url=settings.dagster_postgres_url,
+        dagster_home=Path(home).absolute(),
+        project_dir=args.project_dir,
+        env=os.environ,
+        say=lambda line: print(line, flush=True),
+    )
     if args.create_bucket:
         ObjectStore(
             bucket=settings.s3_bucket, endpoint_url=settings.s3_endpoint_url

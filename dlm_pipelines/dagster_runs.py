@@ -1,0 +1,28 @@
+"""What the DLM asks the Dagster instance about runs: which are alive, which wait.
+
+Shared by the export asset, the imaging sensor and the purge, so that "alive" means
+the same everywhere. Only the public `DagsterInstance` API.
+"""
+
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+
+# Not started yet: such a run takes every pending event of its partition when it starts.
+WAITING_RUN_STATUSES = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED]
+RUNNING_STATUSES = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
+# A run that is in one of these states may still be working on what it claimed.
+LIVE_RUN_STATUSES = {*WAITING_RUN_STATUSES, *RUNNING_STATUSES, DagsterRunStatus.CANCELING}
+
+
+def run_is_alive(instance: DagsterInstance, run_id: str) -> bool:
+    run = instance.get_run_by_id(run_id)
+    return run is not None and run.status in LIVE_RUN_STATUSES
+
+
+def partition_has_run(
+    instance: DagsterInstance, partition_key: str, statuses: list[DagsterRunStatus]
+) -> bool:
+    """Whether a run of `partition_key` is in one of `statuses` now."""
+    runs = instance.get_run_records(
+        filters=RunsFilter(statuses=statuses, tags={"dagster/partition": partition_key}), limit=1
+    )
+    return bool(runs)
