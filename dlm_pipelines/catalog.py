@@ -596,22 +596,26 @@ class Catalog(ConfigurableResource):
         self,
         run_id: str,
         *,
-        purged: Sequence[tuple[EventRecord, int]] = (),
+        purged: Sequence[tuple[EventRecord, int, str | None]] = (),
         released: Sequence[EventRecord] = (),
+        kept: Sequence[tuple[EventRecord, str]] = (),
         alarms: Sequence[tuple[EventRecord, str]] = (),
     ) -> None:
-        """End the holds of `run_id` in one statement: purged (with the bytes freed),
-        given back untouched, or marked as needing attention (the store did not match).
+        """End the holds of `run_id` in one statement: purged (with the bytes freed and
+        the trash path the copy was renamed to), given back untouched, kept with the
+        reason (the local tree differs from the manifest: shown in the lifecycle), or
+        marked as needing attention (the store did not match).
 
         The export's run_id comes back: run_id names the run that made the object.
         """
         verified, attention = EventStatus.VERIFIED.value, EventStatus.NEEDS_ATTENTION.value
         ends = _rows(
             "ends",
-            ("ref_id", "status", "maker", "freed", "error"),
-            [(r.ref_id, verified, r.run_id, n, None) for r, n in purged]
-            + [(r.ref_id, verified, r.run_id, None, None) for r in released]
-            + [(r.ref_id, attention, r.run_id, None, why[:4000]) for r, why in alarms],
+            ("ref_id", "status", "maker", "freed", "trash", "error"),
+            [(r.ref_id, verified, r.run_id, n, trash, None) for r, n, trash in purged]
+            + [(r.ref_id, verified, r.run_id, None, None, None) for r in released]
+            + [(r.ref_id, verified, r.run_id, None, None, why[:4000]) for r, why in kept]
+            + [(r.ref_id, attention, r.run_id, None, None, why[:4000]) for r, why in alarms],
         )
         if ends is None:
             return
@@ -631,11 +635,52 @@ class Catalog(ConfigurableResource):
                     else_=EVENTS.c.purged_at,
                 ),
                 bytes_freed=sa.func.coalesce(freed, EVENTS.c.bytes_freed),
+                trash_path=sa.func.coalesce(ends.c.trash, EVENTS.c.trash_path),
                 last_error=sa.func.coalesce(ends.c.error, EVENTS.c.last_error),
             )
         )
         with self.engine.begin() as conn:
             conn.execute(statement)
+
+    def manifests(self, ref_ids: Sequence[str]) -> dict[str, Manifest]:
+        """The recorded manifests of these events (one query)."""
+        if not ref_ids:
+            return {}
+        with self.session() as session:
+            rows = session.exec(
+                select(EventManifest).where(col(EventManifest.ref_id).in_(list(ref_ids)))
+            )
+            return {row.ref_id: row.manifest() for row in rows}
+
+    def local_paths(self, system: str) -> list[str]:
+        """The local_path of every event of `system` whose copy is not purged, sorted."""
+        with self.session() as session:
+            query = (
+                select(EventRecord.local_path)
+                .where(EventRecord.system == system)
+                .where(col(EventRecord.purged_at).is_(None))
+            )
+            return sorted(session.exec(query))
+
+    def record_trashed(self, ref_id: str, trash_path: str, bytes_freed: int) -> bool:
+        """A copy found in the trash that no run recorded (killed between its rename and
+        the record): the rename came only after the proof, so it is purged."""
+        return self._update(
+            ref_id,
+            EVENTS.c.purged_at.is_(None),
+            status=EventStatus.VERIFIED.value,
+            purged_at=utcnow(),
+            bytes_freed=bytes_freed,
+            trash_path=trash_path,
+        )
+
+    def trash_emptied(self, ref_ids: Sequence[str]) -> None:
+        if not ref_ids:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(EVENTS).where(EVENTS.c.ref_id.in_(list(ref_ids))).values(trash_path=None)
+            )
 
     # --- archive locations ---------------------------------------------------------------
 

@@ -238,6 +238,9 @@ def parse_imaging_event(fields: Mapping[Any, Any], systems: Collection[str]) -> 
     )
 
 
+TRASH_FOLDER = ".dlm-trash"  # in each system folder; the purge's own (dlm_pipelines.purger)
+
+
 def resolve_source(data_root: Path, system: str, local_path: str) -> Path:
     """The event's source on disk, guaranteed to stay inside `<data root>/<system>/`.
 
@@ -245,6 +248,8 @@ def resolve_source(data_root: Path, system: str, local_path: str) -> Path:
     `FileNotFoundError` if it does not exist.
     """
     validate_local_path(local_path)
+    if PurePosixPath(local_path).parts[0] == TRASH_FOLDER:
+        raise InvalidEvent(f"local_path: {local_path!r} is inside the purge's trash")
     system_root = (data_root / system).resolve()
     candidate = system_root / local_path
     resolved = candidate.resolve()
