@@ -1,6 +1,6 @@
 """Request parameter types and response models.
 
-The legacy models (exports, archives, daily stats) keep every field CONTRACTS §5
+The legacy models (exports, archives, daily stats) keep every field docs/contracts.md §5
 names, with its name and type; fields after them are additions.
 """
 

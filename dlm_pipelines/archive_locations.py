@@ -1,4 +1,4 @@
-"""Archive locations: what the tape archiver announces (CONTRACTS §4), parsed.
+"""Archive locations: what the tape archiver announces (docs/contracts.md §4), parsed.
 
 `parse_archive_message` turns a message body into an `ArchiveMessage`, or raises
 `InvalidArchiveMessage` whose text says exactly what is wrong. The catalog records
@@ -28,7 +28,7 @@ MAX_KEY = 1024
 
 
 class InvalidArchiveMessage(ValueError):
-    """A message that breaks CONTRACTS §4; the text is the reason."""
+    """A message that breaks docs/contracts.md §4; the text is the reason."""
 
 
 def archive_id(path: str) -> str:
@@ -60,7 +60,7 @@ class ArchiveMessage:
 
 
 def parse_archive_message(body: bytes | str) -> ArchiveMessage:
-    """Validate one message body against CONTRACTS §4."""
+    """Validate one message body against docs/contracts.md §4."""
     try:
         # Decoded here: json.loads would guess UTF-16/32 from the bytes.
         document = json.loads(body.decode("utf-8") if isinstance(body, bytes) else body)

@@ -145,7 +145,7 @@ class EventManifest(SQLModel, table=True):
 
 
 class ArchiveJob(SQLModel, table=True):
-    """One run of the tape archiver, also when it archived nothing (CONTRACTS §4)."""
+    """One run of the tape archiver, also when it archived nothing (docs/contracts.md §4)."""
 
     __tablename__ = "archive_job"
 

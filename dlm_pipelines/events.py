@@ -1,4 +1,4 @@
-"""The imaging-event contract (CONTRACTS §1) and the object key derived from it (§3).
+"""The imaging-event contract (docs/contracts.md §1) and the object key derived from it (§3).
 
 `parse_imaging_event` turns one Redis stream entry, exactly as the legacy
 producers write it, into an `ImagingEvent`, or raises `InvalidEvent` whose
@@ -29,7 +29,7 @@ class EventType(StrEnum):
 
     @property
     def key_prefix(self) -> str:
-        """The first segment of the object key (CONTRACTS §3)."""
+        """The first segment of the object key (docs/contracts.md §3)."""
         return {"stitch": "images", "video": "videos", "overview": "overview"}[self.value]
 
 
@@ -104,7 +104,7 @@ class ImagingEvent(BaseModel):
 
     @property
     def object_key(self) -> str:
-        """`<kind>/<experiment_id>/<YYYYMMDD>/<HHMMSS>.tar`, time in UTC (CONTRACTS §3)."""
+        """`<kind>/<experiment_id>/<YYYYMMDD>/<HHMMSS>.tar`, time in UTC (docs/contracts.md §3)."""
         utc = self.timestamp.astimezone(UTC)
         return f"{self.type.key_prefix}/{self.experiment_id}/{utc:%Y%m%d}/{utc:%H%M%S}.tar"
 
@@ -122,7 +122,7 @@ class ImagingEvent(BaseModel):
         return self.timestamp.astimezone(UTC).date().isoformat()
 
     def tar_metadata(self) -> dict[str, Any]:
-        """The `metadata.json` document stored as the last tar member (CONTRACTS §3)."""
+        """The `metadata.json` document stored as the last tar member (docs/contracts.md §3)."""
         return {
             "ref_id": self.ref_id,
             "experiment_id": self.experiment_id,
@@ -172,7 +172,7 @@ def validate_local_path(local_path: str) -> str:
 
 
 def parse_imaging_event(fields: Mapping[Any, Any], systems: Collection[str]) -> ImagingEvent:
-    """Validate one stream entry against CONTRACTS §1."""
+    """Validate one stream entry against docs/contracts.md §1."""
     data = _text(fields)
     missing = [name for name in REQUIRED_FIELDS if name not in data]
     if missing:

@@ -26,7 +26,7 @@ FILE, DIR, SYMLINK, HARDLINK, OTHER = "file", "dir", "symlink", "hardlink", "oth
 ROOT = "."  # a folder source's own entry
 SECOND_NS = 1_000_000_000
 HASH_CHUNK = 1 << 20
-METADATA_MEMBER = "./metadata.json"  # the tar's last member, DLM's own (CONTRACTS §3)
+METADATA_MEMBER = "./metadata.json"  # the tar's last member, DLM's own (docs/contracts.md §3)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""Export partitions: UTC day × system (see DESIGN.md for why not one per event)."""
+"""Export partitions: UTC day × system (see docs/design.md for why not one per event)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Legacy archive routes (CONTRACTS §5): the tape archiver's daily files and their members.
+"""Legacy archive routes (docs/contracts.md §5): the tape archiver's daily files and their members.
 
 Order: newest archive first, ties by id. Each summary's `url` is relative to the
 API's base URL, as existing clients follow it.

@@ -1,4 +1,4 @@
-"""Legacy `GET /api/1/exports` (CONTRACTS §5): verified uploads with presigned URLs.
+"""Legacy `GET /api/1/exports` (docs/contracts.md §5): verified uploads with presigned URLs.
 
 An export is an event with a verified upload: `verified_at` and `object_key` set,
 whatever its status since (a purge, a forced re-export in flight, or

@@ -1,4 +1,4 @@
-"""`dlm mock-prince`: a stand-in for the acquisition software (CONTRACTS §1).
+"""`dlm mock-prince`: a stand-in for the acquisition software (docs/contracts.md §1).
 
 Like the real producer it writes the whole folder first (every file closed and
 fsync'ed, the directories too) and only then announces it with XADD, so the DLM
@@ -279,7 +279,7 @@ def _naive_timestamp(fields: dict[str, str]) -> None:
     fields["timestamp"] = fields["timestamp"].removesuffix("Z")
 
 
-# Each breaks one rule of CONTRACTS §1, as the legacy producers have been seen to.
+# Each breaks one rule of docs/contracts.md §1, as the legacy producers have been seen to.
 MALFORMATIONS: dict[str, Callable[[dict[str, str]], None]] = {
     "naive timestamp": _naive_timestamp,
     "upper-case ref_id": lambda f: f.update(ref_id=f["ref_id"].upper()),

@@ -1,4 +1,4 @@
-"""The RabbitMQ queue on which the tape archiver announces archive files (CONTRACTS §4).
+"""The RabbitMQ queue on which the tape archiver announces archive files (docs/contracts.md §4).
 
 One short connection per sensor tick: declare the topology, take a bounded batch
 with `basic_get`, ack each message only after the catalog has committed it. A

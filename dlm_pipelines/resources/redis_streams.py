@@ -52,7 +52,7 @@ class RedisStreams(ConfigurableResource):
     def announce_export(
         self, *, ref_id: str, sha256: str, size: int, key: str, uploaded_at: datetime
     ) -> str:
-        """One `dlm:new-export` entry (CONTRACTS §2); `key` includes the bucket."""
+        """One `dlm:new-export` entry (docs/contracts.md §2); `key` includes the bucket."""
         fields = {
             "ref_id": ref_id,
             "checksum": json.dumps({"hex": sha256, "algorithm": "sha256"}, separators=(",", ":")),

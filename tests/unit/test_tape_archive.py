@@ -1,4 +1,4 @@
-"""The archive-notification contract (CONTRACTS §4): real samples parse, every way a
+"""The archive-notification contract (docs/contracts.md §4): real samples parse, every way a
 message can be wrong gets a reason that names the field."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The tar layout of CONTRACTS §3."""
+"""The tar layout of docs/contracts.md §3."""
 
 from __future__ import annotations
 
