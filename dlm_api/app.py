@@ -12,7 +12,6 @@ from contextlib import asynccontextmanager
 from botocore.exceptions import NoCredentialsError
 from dagster import DagsterInstance
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import OperationalError
@@ -26,7 +25,7 @@ from dlm_api.deps import (
     require_caller,
 )
 from dlm_api.presign import Presigner
-from dlm_api.routes import archives, events, exports, stats
+from dlm_api.routes import archives, events, exports, metrics, stats
 from dlm_pipelines.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -70,9 +69,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await run_in_threadpool(presigner.start)
         yield
-        presigner.close()
         services.engine.dispose()
 
     # /docs and /redoc with their scripts served from the wheel, not from a CDN: they
@@ -92,6 +89,7 @@ def create_app(
     for module in (exports, archives, stats, events):
         api.include_router(module.router)
     app.include_router(api)
+    app.include_router(metrics.router)
 
     @app.exception_handler(OperationalError)
     async def catalog_unavailable(_: Request, exc: OperationalError) -> JSONResponse:

@@ -125,6 +125,10 @@ class RunStatuses:
         self._lock = threading.Lock()
         self._retry_at = 0.0
 
+    def instance(self) -> DagsterInstance | None:
+        """The Dagster instance, or None while it cannot be opened."""
+        return self._get_instance()
+
     def _get_instance(self) -> DagsterInstance | None:
         with self._lock:
             if self._instance is None and time.monotonic() >= self._retry_at:
@@ -208,3 +212,14 @@ async def require_caller(
 
 
 CallerDep = Annotated[str, Depends(require_caller)]
+
+
+async def require_metrics_caller(
+    request: Request,
+    services: ServicesDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    """/metrics: like /api/1, unless DLM_METRICS_ALLOW_ANONYMOUS lets every scraper in."""
+    if services.settings.metrics_allow_anonymous:
+        return ANONYMOUS
+    return await require_caller(request, services, credentials)

@@ -8,10 +8,11 @@ purge) racing on one event can never both win.
 from __future__ import annotations
 
 import enum
+import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from datetime import date as date_type
 from functools import cache
 from typing import Any
@@ -81,6 +82,31 @@ class EventRecord(SQLModel, table=True):
             postgresql_where=sa.text("verified_at IS NOT NULL AND object_key IS NOT NULL"),
             sqlite_where=sa.text("verified_at IS NOT NULL AND object_key IS NOT NULL"),
         ),
+        # The imaging sensor's sweep and claims check: only the events in flight
+        # (migration 0007), index-only whatever the catalog's size.
+        sa.Index(
+            "ix_imaging_event_unfinished",
+            "status",
+            "received_at",
+            "partition_key",
+            "run_id",
+            postgresql_where=sa.text("status IN ('received', 'exporting')"),
+            sqlite_where=sa.text("status IN ('received', 'exporting')"),
+        ),
+        # The sweep's queries (migration 0004): failed events by when they are due, and
+        # verified events never announced. Both sets stay small, so the tick stays cheap.
+        sa.Index(
+            "ix_imaging_event_retries",
+            "next_attempt_at",
+            postgresql_where=sa.text("status = 'failed'"),
+            sqlite_where=sa.text("status = 'failed'"),
+        ),
+        sa.Index(
+            "ix_imaging_event_unannounced",
+            "verified_at",
+            postgresql_where=sa.text("status = 'verified' AND announced_at IS NULL"),
+            sqlite_where=sa.text("status = 'verified' AND announced_at IS NULL"),
+        ),
     )
 
     ref_id: str = Field(primary_key=True, max_length=36)
@@ -108,7 +134,9 @@ class EventRecord(SQLModel, table=True):
     announced_at: datetime | None = _dt()
     run_id: str | None = Field(default=None, max_length=64)
     claimed_at: datetime | None = _dt()
-    attempts: int = 0
+    attempts: int = 0  # claims, step retries included
+    export_runs: int = 0  # distinct runs that claimed it: what DLM_EXPORT_MAX_ATTEMPTS bounds
+    next_attempt_at: datetime | None = _dt()  # failed: when the sweep retries it
     last_error: str | None = None
 
     # the local copy
@@ -231,6 +259,32 @@ def migrate(database_url: str) -> None:
     command.upgrade(config, "heads")
 
 
+# What intake writes per event; the rest of a new row is the same for all.
+INTAKE_COLUMNS = (
+    "ref_id",
+    "stream_id",
+    "system",
+    "experiment_id",
+    "event_type",
+    "timestamp",
+    "partition_key",
+    "local_path",
+    "img_count",
+    "metadata",
+)
+_INTAKE_TYPES = {"timestamp": "timestamptz[]", "img_count": "integer[]"}
+_INTAKE_UNNEST = f"""
+INSERT INTO imaging_event ({", ".join(f'"{c}"' for c in INTAKE_COLUMNS)},
+                           received_at, status, key_collision, attempts, export_runs)
+SELECT {", ".join(f'"{c}"' for c in INTAKE_COLUMNS[:-1])}, CAST(metadata AS json),
+       :received_at, :status, :key_collision, :attempts, :export_runs
+FROM unnest({", ".join(f"CAST(:{c} AS {_INTAKE_TYPES.get(c, 'text[]')})" for c in INTAKE_COLUMNS)})
+    AS batch({", ".join(f'"{c}"' for c in INTAKE_COLUMNS)})
+ON CONFLICT (ref_id) DO NOTHING
+RETURNING ref_id
+"""
+
+
 class Catalog(ConfigurableResource):
     """Every write to the catalog, and the reads of the pipelines: the event lifecycle
     and the archive entries. (The API reads the tables directly, see `dlm_api.tables`.)"""
@@ -244,6 +298,11 @@ class Catalog(ConfigurableResource):
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
 
+    def ping(self) -> None:
+        """Raise if the database cannot be reached."""
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
     def _insert(self, table: sa.Table) -> Any:
         """INSERT with this backend's ON CONFLICT clauses."""
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
@@ -256,41 +315,66 @@ class Catalog(ConfigurableResource):
     ) -> set[str]:
         """Insert (event, stream id, partition key) rows; returns the ref_ids that were new.
 
-        Idempotent on ref_id: a repeated event keeps its first row.
+        Idempotent on ref_id: a repeated event keeps its first row. One INSERT ... ON
+        CONFLICT DO NOTHING RETURNING: the rows it returns are the new ones.
         """
-        now = received_at or utcnow()
-        rows = [
-            {
-                "ref_id": event.ref_id,
-                "stream_id": stream_id,
-                "system": event.system,
-                "experiment_id": event.experiment_id,
-                "event_type": event.type.value,
-                "timestamp": event.timestamp,
-                "partition_key": partition_key,
-                "local_path": event.local_path,
-                "img_count": event.img_count,
-                "metadata": event.metadata.model_dump(mode="json"),
-                "received_at": now,
-                "status": EventStatus.RECEIVED.value,
-                "key_collision": False,
-                "attempts": 0,
-            }
-            for event, stream_id, partition_key in items
-        ]
-        if not rows:
+        columns: dict[str, list[Any]] = {name: [] for name in INTAKE_COLUMNS}
+        for event, stream_id, partition_key in items:
+            for name, value in zip(
+                INTAKE_COLUMNS,
+                (
+                    event.ref_id,
+                    stream_id,
+                    event.system,
+                    event.experiment_id,
+                    event.type.value,
+                    # in UTC, as UTCDateTime binds it: PostgreSQL refuses offsets past ±16 h
+                    event.timestamp.astimezone(UTC),
+                    partition_key,
+                    event.local_path,
+                    event.img_count,
+                    # JSON text: pydantic's model_dump(mode="json") costs ~10× more
+                    event.metadata.model_dump_json(),
+                ),
+                strict=True,
+            ):
+                columns[name].append(value)
+        if not columns["ref_id"]:
             return set()
+        fixed = {
+            "received_at": received_at or utcnow(),
+            "status": EventStatus.RECEIVED.value,
+            "key_collision": False,
+            "attempts": 0,
+            "export_runs": 0,
+        }
         with self.engine.begin() as conn:
-            existing = set(
-                conn.scalars(
-                    sa.select(EVENTS.c.ref_id).where(
-                        EVENTS.c.ref_id.in_([r["ref_id"] for r in rows])
-                    )
+            if conn.dialect.name == "postgresql":
+                # one array per column, unnested by the server: a few ms of client CPU for
+                # thousands of rows, where a multi-row VALUES costs ~0.1 ms a row
+                new = conn.scalars(sa.text(_INTAKE_UNNEST), columns | fixed)
+            else:
+                statement = (
+                    self._insert(EVENTS)
+                    .on_conflict_do_nothing(index_elements=["ref_id"])
+                    .returning(EVENTS.c.ref_id)
                 )
-            )
-            statement = self._insert(EVENTS).on_conflict_do_nothing(index_elements=["ref_id"])
-            conn.execute(statement, rows)
-        return {str(r["ref_id"]) for r in rows} - existing
+                rows = [
+                    dict(zip(INTAKE_COLUMNS, values, strict=True)) | fixed
+                    for values in zip(*columns.values(), strict=True)
+                ]
+                for row in rows:
+                    row["metadata"] = json.loads(row["metadata"])
+                new = conn.scalars(statement, rows)
+            return {str(ref_id) for ref_id in new}
+
+    def statuses(self, ref_ids: Sequence[str]) -> dict[str, str]:
+        """The status of each of these events the catalog knows."""
+        if not ref_ids:
+            return {}
+        query = sa.select(EVENTS.c.ref_id, EVENTS.c.status).where(EVENTS.c.ref_id.in_(ref_ids))
+        with self.engine.connect() as conn:
+            return {ref_id: status for ref_id, status in conn.execute(query)}
 
     # --- reads -------------------------------------------------------------------------
 
@@ -373,6 +457,10 @@ class Catalog(ConfigurableResource):
             "run_id": run_id,
             "claimed_at": utcnow(),
             "attempts": EVENTS.c.attempts + 1,
+            "export_runs": sa.case(
+                (EVENTS.c.run_id.is_distinct_from(run_id), EVENTS.c.export_runs + 1),
+                else_=EVENTS.c.export_runs,
+            ),
         }
         if self._update(ref_id, claimable, **take):
             return True
@@ -519,7 +607,77 @@ class Catalog(ConfigurableResource):
             sa.and_(EVENTS.c.run_id == run_id, EVENTS.c.status == EventStatus.EXPORTING.value),
             status=EventStatus.FAILED.value,
             last_error=error[:4000],
+            next_attempt_at=None,  # the sweep schedules the retry
         )
+
+    # --- recovery (the sweep, dlm_pipelines/recovery.py) ---------------------------------
+
+    def give_up(self, max_runs: int) -> list[tuple[str, str]]:
+        """Failed events tried by `max_runs` runs → needs_attention; (ref_id, reason)."""
+        reason = (
+            sa.literal("gave up after ")
+            + sa.cast(EVENTS.c.export_runs, sa.String())
+            + sa.literal(" export runs: ")
+            + sa.func.coalesce(EVENTS.c.last_error, "")
+        )
+        statement = (
+            sa.update(EVENTS)
+            .where(EVENTS.c.status == EventStatus.FAILED.value)
+            .where(EVENTS.c.export_runs >= max_runs)
+            .values(status=EventStatus.NEEDS_ATTENTION.value, last_error=reason)
+            .returning(EVENTS.c.ref_id, EVENTS.c.last_error)
+        )
+        with self.engine.begin() as conn:
+            return [(ref_id, error) for ref_id, error in conn.execute(statement)]
+
+    def take_due_retries(
+        self, now: datetime, delay_for: Callable[[int], float]
+    ) -> list[tuple[str, str]]:
+        """(ref_id, partition) of failed events due for a retry now.
+
+        Each failed event gets its next attempt time (`delay_for(export runs so far)`
+        seconds from now) the first time it is seen; a due one is pushed out by the same
+        delay when taken, so a retry request that is lost is repeated later.
+        """
+        failed = EVENTS.c.status == EventStatus.FAILED.value
+        query = sa.select(
+            EVENTS.c.ref_id, EVENTS.c.partition_key, EVENTS.c.export_runs, EVENTS.c.next_attempt_at
+        ).where(failed, sa.or_(EVENTS.c.next_attempt_at.is_(None), EVENTS.c.next_attempt_at <= now))
+        with self.engine.begin() as conn:
+            rows = list(conn.execute(query))
+            by_runs: dict[int, list[str]] = {}
+            for row in rows:
+                by_runs.setdefault(row.export_runs, []).append(row.ref_id)
+            for runs, ref_ids in by_runs.items():
+                later = now + timedelta(seconds=delay_for(runs))
+                conn.execute(
+                    sa.update(EVENTS)
+                    .where(failed, EVENTS.c.ref_id.in_(ref_ids))
+                    .values(next_attempt_at=later)
+                )
+        return [(r.ref_id, r.partition_key) for r in rows if r.next_attempt_at is not None]
+
+    def unannounced(self) -> list[EventRecord]:
+        """Verified events whose announcement never happened (or was not recorded)."""
+        with self.session() as session:
+            query = (
+                select(EventRecord)
+                .where(EventRecord.status == EventStatus.VERIFIED)
+                .where(col(EventRecord.announced_at).is_(None))
+                .order_by(col(EventRecord.verified_at))
+                .limit(1000)
+            )
+            return list(session.exec(query))
+
+    def note(self, ref_ids: Sequence[str], message: str) -> None:
+        """Say why never-tried events wait (shown as the lifecycle's `error`)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(EVENTS)
+                .where(EVENTS.c.ref_id.in_(list(ref_ids)))
+                .where(EVENTS.c.status == EventStatus.RECEIVED.value)
+                .values(last_error=message)
+            )
 
     # --- the purge of local copies -------------------------------------------------------
 

@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     manifest_backfill.add_arguments(backfill)
     backfill.set_defaults(handler=manifest_backfill.run)
+    from dlm_pipelines import health
+
+    status = sub.add_parser(
+        "status", help="backlog, failures, dead letters, purges, disk, services (exit 1: look)"
+    )
+    health.add_arguments(status)
+    status.set_defaults(handler=health.run)
     from dlm_api import serve
 
     api = sub.add_parser("api", help="serve the REST API (find data, download links)")
@@ -50,10 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+CONFIG_ERROR = 2  # as argparse's usage errors: the command was given something unusable
+
+
 def main(argv: list[str] | None = None) -> int:
+    from dlm_pipelines.settings import SettingsError, get_settings
+
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
-    return handler(args)
+    try:
+        get_settings()  # every setting, checked before any work starts
+        return handler(args)
+    except SettingsError as exc:
+        for problem in exc.problems:
+            print(f"dlm {args.command}: {problem}", file=sys.stderr)
+        return CONFIG_ERROR
 
 
 if __name__ == "__main__":

@@ -18,6 +18,16 @@ def run_is_alive(instance: DagsterInstance, run_id: str) -> bool:
     return run is not None and run.status in LIVE_RUN_STATUSES
 
 
+def alive_runs(instance: DagsterInstance, run_ids: set[str]) -> set[str]:
+    """Those of `run_ids` that are alive (as `run_is_alive` says), in one query."""
+    if not run_ids:
+        return set()
+    records = instance.get_run_records(
+        filters=RunsFilter(run_ids=sorted(run_ids), statuses=list(LIVE_RUN_STATUSES))
+    )
+    return {record.dagster_run.run_id for record in records}
+
+
 def partition_has_run(
     instance: DagsterInstance, partition_key: str, statuses: list[DagsterRunStatus]
 ) -> bool:

@@ -19,8 +19,13 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dlm_pipelines.resources import ObjectStore
 
 SQLITE_CONFIG = "dagster.yaml"
 POSTGRES_CONFIG = "dagster.postgres.yaml"
@@ -114,9 +119,46 @@ def run(args: argparse.Namespace) -> int:
         env=os.environ,
         say=lambda line: print(line, flush=True),
     )
+    store = ObjectStore(
+        bucket=settings.s3_bucket,
+        endpoint_url=settings.s3_endpoint_url,
+        region_name=settings.aws_region,
+    )
     if args.create_bucket:
-        ObjectStore(
-            bucket=settings.s3_bucket, endpoint_url=settings.s3_endpoint_url
-        ).ensure_bucket()
-        print(f"bucket {settings.s3_bucket} exists", flush=True)
+        store.ensure_bucket()
+    check_bucket(store)
+    print(f"bucket {settings.s3_bucket} exists and is writable", flush=True)
     return 0
+
+
+def check_bucket(store: ObjectStore) -> None:
+    """The bucket exists and takes a write, or SettingsError says which setting to fix.
+
+    Found here, once, rather than as NoSuchBucket in the first export run after all
+    its retries.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from dlm_pipelines.settings import SettingsError
+
+    where = store.endpoint_url or "AWS"
+    probe = f".dlm-setup-probe/{uuid.uuid4().hex}"
+    try:
+        store.client.head_bucket(Bucket=store.bucket)
+        store.client.put_object(Bucket=store.bucket, Key=probe, Body=b"")
+        store.client.delete_object(Bucket=store.bucket, Key=probe)
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            problem = (
+                f"DLM_S3_BUCKET={store.bucket!r}: no such bucket at {where} "
+                "(create it, or run `dlm setup --create-bucket`)"
+            )
+        else:
+            problem = (
+                f"DLM_S3_BUCKET={store.bucket!r}: not writable at {where} with "
+                f"AWS_ACCESS_KEY_ID={os.environ.get('AWS_ACCESS_KEY_ID', '')!r}: {code or exc}"
+            )
+        raise SettingsError([problem]) from None
+    except BotoCoreError as exc:  # no credentials, endpoint unreachable
+        raise SettingsError([f"DLM_S3_ENDPOINT_URL={where!r}: {exc}"]) from None

@@ -2,15 +2,23 @@
 
 `parse_imaging_event` turns one Redis stream entry, exactly as the legacy
 producers write it, into an `ImagingEvent`, or raises `InvalidEvent` whose
-message says precisely what is wrong.
+message says precisely what is wrong. Every field is bounded (docs/design.md,
+issue 11): whatever a producer sends either parses into an event the catalog can
+store or is rejected here, never an exception from deeper down.
+
+`dead_letter_fields` / `original_fields` keep a rejected entry's fields losslessly
+on the (text) dead-letter stream.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import math
 import re
-from collections.abc import Collection, Mapping
-from datetime import UTC, datetime
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -86,6 +94,32 @@ UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]
 # A single, portable path segment: no separators, no leading dot, no spaces.
 SAFE_SEGMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 REQUIRED_FIELDS = ("ref_id", "experiment_id", "timestamp", "local_path", "img_count", "metadata")
+KNOWN_FIELDS = frozenset((*REQUIRED_FIELDS, "type", "system"))
+
+# Bounds on what a producer may send (the legacy producers stay far below them).
+MAX_FIELDS = 64
+MAX_FIELD_BYTES = 64 * 1024  # any field but metadata
+MAX_METADATA_BYTES = 1024 * 1024
+MAX_LOCAL_PATH_BYTES = 1024
+MAX_TIMESTAMP_CHARS = 64
+MAX_IMG_COUNT = 2**31 - 1  # imaging_event.img_count is a 32-bit INTEGER
+MAX_METADATA_DEPTH = 32
+MAX_METADATA_INT = 2**63 - 1  # what every JSON reader can hold exactly
+MAX_METADATA_NUMBER_CHARS = 64
+
+FieldPairs = Sequence[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True)
+class TimeWindow:
+    """Event timestamps accepted at intake: [earliest, latest], both UTC-aware."""
+
+    earliest: datetime
+    latest: datetime
+
+    @classmethod
+    def around(cls, first_day: date, now: datetime, max_future: timedelta) -> TimeWindow:
+        return cls(datetime.combine(first_day, datetime.min.time(), UTC), now + max_future)
 
 
 class ImagingEvent(BaseModel):
@@ -134,13 +168,133 @@ class ImagingEvent(BaseModel):
         }
 
 
-def _text(fields: Mapping[Any, Any]) -> dict[str, str]:
-    """Decode redis-py's bytes (when decode_responses is off) to text."""
+def _utf8(raw: bytes | str, what: str) -> str:
+    if isinstance(raw, str):
+        return raw
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent(f"{what}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+def _text(fields: Mapping[Any, Any] | Iterable[tuple[Any, Any]]) -> dict[str, str]:
+    """The contract's fields as text: each once, UTF-8, within the size bounds.
+
+    Other fields are ignored whatever their bytes (docs/contracts.md §1: unknown fields are
+    allowed); the dead letter, if any, still keeps them.
+    """
+    pairs = list(fields.items()) if isinstance(fields, Mapping) else list(fields)
+    if len(pairs) > MAX_FIELDS:
+        raise InvalidEvent(f"{len(pairs)} fields; at most {MAX_FIELDS}")
     out: dict[str, str] = {}
-    for key, value in fields.items():
-        k = key.decode() if isinstance(key, bytes) else str(key)
-        out[k] = value.decode() if isinstance(value, bytes) else value
+    for key, value in pairs:
+        name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+        if name not in KNOWN_FIELDS:
+            continue
+        if name in out:
+            raise InvalidEvent(f"field {name!r} appears more than once (ambiguous)")
+        limit = MAX_METADATA_BYTES if name == "metadata" else MAX_FIELD_BYTES
+        if len(value) > limit:
+            raise InvalidEvent(f"{name}: {len(value)} bytes; at most {limit}")
+        out[name] = _utf8(value, name)
     return out
+
+
+def _no_constant(name: str) -> Any:
+    raise InvalidEvent(f"metadata: {name} is not a finite number")
+
+
+def _finite_float(text: str) -> float:
+    if len(text) > MAX_METADATA_NUMBER_CHARS:
+        raise InvalidEvent(f"metadata: number {text[:20]}... is longer than 64 characters")
+    value = float(text)
+    if not math.isfinite(value):
+        raise InvalidEvent(f"metadata: {text} overflows to a non-finite number")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > MAX_METADATA_NUMBER_CHARS:
+        raise InvalidEvent(f"metadata: integer {text[:20]}... is longer than 64 characters")
+    value = int(text)
+    if abs(value) > MAX_METADATA_INT:
+        raise InvalidEvent(f"metadata: integer {text} is outside the 64-bit range")
+    return value
+
+
+def _check_values(doc: Any) -> None:
+    """Depth and string checks over the whole document, iteratively (no recursion)."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_METADATA_DEPTH:
+            raise InvalidEvent(f"metadata: nested deeper than {MAX_METADATA_DEPTH} levels")
+        items: Iterable[Any] = ()
+        if isinstance(node, dict):
+            items = [*node.keys(), *node.values()]
+        elif isinstance(node, list):
+            items = node
+        elif isinstance(node, str):
+            # PostgreSQL stores neither NUL nor lone surrogates (UTF-16 halves).
+            if "\x00" in node or any("\ud800" <= c <= "\udfff" for c in node):
+                raise InvalidEvent("metadata: a string holds NUL or a lone surrogate")
+            continue
+        stack.extend((item, depth + 1) for item in items)
+
+
+def _metadata_document(text: str) -> dict[str, Any]:
+    # The C scanner recurses per nesting level: count brackets before parsing.
+    depth = deepest = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    if deepest > MAX_METADATA_DEPTH * 4:  # brackets inside strings count too: be lenient
+        raise InvalidEvent(f"metadata: nested deeper than {MAX_METADATA_DEPTH} levels")
+    try:
+        doc = json.loads(
+            text,
+            parse_constant=_no_constant,
+            parse_float=_finite_float,
+            parse_int=_bounded_int,
+        )
+    except InvalidEvent:
+        raise
+    except json.JSONDecodeError as exc:
+        raise InvalidEvent(
+            f"metadata: not a JSON string ({exc.msg} at position {exc.pos})"
+        ) from None
+    except (RecursionError, ValueError) as exc:
+        raise InvalidEvent(f"metadata: not a usable JSON document ({exc})") from None
+    if not isinstance(doc, dict):
+        raise InvalidEvent(f"metadata: must be a JSON object, got {type(doc).__name__}")
+    _check_values(doc)
+    return doc
+
+
+def _timestamp(text: str, window: TimeWindow | None) -> datetime:
+    if len(text) > MAX_TIMESTAMP_CHARS:
+        raise InvalidEvent(f"timestamp: longer than {MAX_TIMESTAMP_CHARS} characters")
+    try:
+        timestamp = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidEvent(f"timestamp: {text!r} is not ISO-8601") from None
+    if timestamp.tzinfo is None or timestamp.utcoffset() is None:
+        raise InvalidEvent(f"timestamp: {text!r} has no timezone (naive)")
+    try:
+        # Near year 1 or 9999 the UTC instant is not a datetime at all.
+        utc = timestamp.astimezone(UTC)
+        utc.date() + timedelta(days=1)  # the key and partition arithmetic must work too
+    except OverflowError:
+        raise InvalidEvent(f"timestamp: {text!r} is at the edge of the calendar") from None
+    if window is not None and not window.earliest <= utc <= window.latest:
+        raise InvalidEvent(
+            f"timestamp: {text!r} is outside the accepted window "
+            f"{window.earliest.isoformat()} .. {window.latest.isoformat()} (UTC)"
+        )
+    return timestamp
 
 
 def _describe(error: ValidationError, prefix: str) -> str:
@@ -171,8 +325,15 @@ def validate_local_path(local_path: str) -> str:
     return local_path
 
 
-def parse_imaging_event(fields: Mapping[Any, Any], systems: Collection[str]) -> ImagingEvent:
-    """Validate one stream entry against docs/contracts.md §1."""
+def parse_imaging_event(
+    fields: Mapping[Any, Any] | FieldPairs,
+    systems: Collection[str],
+    window: TimeWindow | None = None,
+) -> ImagingEvent:
+    """Validate one stream entry (a mapping, or the raw field pairs) against docs/contracts.md §1.
+
+    `window` bounds the timestamp; without it any calendar date is accepted.
+    """
     data = _text(fields)
     missing = [name for name in REQUIRED_FIELDS if name not in data]
     if missing:
@@ -189,12 +350,7 @@ def parse_imaging_event(fields: Mapping[Any, Any], systems: Collection[str]) -> 
             "(letters, digits, '.', '_', '-'; starting with a letter or digit; at most 128)"
         )
 
-    try:
-        timestamp = datetime.fromisoformat(data["timestamp"])
-    except ValueError:
-        raise InvalidEvent(f"timestamp: {data['timestamp']!r} is not ISO-8601") from None
-    if timestamp.tzinfo is None or timestamp.utcoffset() is None:
-        raise InvalidEvent(f"timestamp: {data['timestamp']!r} has no timezone (naive)")
+    timestamp = _timestamp(data["timestamp"], window)
 
     raw_type = data.get("type", EventType.STITCH.value)
     try:
@@ -207,20 +363,23 @@ def parse_imaging_event(fields: Mapping[Any, Any], systems: Collection[str]) -> 
     if system not in systems:
         raise InvalidEvent(f"system: {system!r} is not a configured system ({', '.join(systems)})")
 
+    if len(data["local_path"].encode()) > MAX_LOCAL_PATH_BYTES:
+        raise InvalidEvent(f"local_path: longer than {MAX_LOCAL_PATH_BYTES} bytes")
     local_path = validate_local_path(data["local_path"])
 
     img_count_text = data["img_count"]
-    if not img_count_text.isdecimal() or not img_count_text.isascii():
-        raise InvalidEvent(f"img_count: {img_count_text!r} is not a non-negative decimal integer")
-
-    try:
-        metadata_doc = json.loads(data["metadata"])
-    except json.JSONDecodeError as exc:
+    if (
+        not img_count_text.isdecimal()
+        or not img_count_text.isascii()
+        or len(img_count_text) > 10
+        or int(img_count_text) > MAX_IMG_COUNT
+    ):
         raise InvalidEvent(
-            f"metadata: not a JSON string ({exc.msg} at position {exc.pos})"
-        ) from None
-    if not isinstance(metadata_doc, dict):
-        raise InvalidEvent(f"metadata: must be a JSON object, got {type(metadata_doc).__name__}")
+            f"img_count: {img_count_text[:20]!r} is not a non-negative decimal integer "
+            f"(at most {MAX_IMG_COUNT})"
+        )
+
+    metadata_doc = _metadata_document(data["metadata"])
     try:
         metadata = EventMetadata.model_validate(metadata_doc)
     except ValidationError as exc:
@@ -236,6 +395,60 @@ def parse_imaging_event(fields: Mapping[Any, Any], systems: Collection[str]) -> 
         img_count=int(img_count_text),
         metadata=metadata,
     )
+
+
+def same_content(a: ImagingEvent, b: ImagingEvent) -> bool:
+    """Whether two events with one ref_id say the same thing (the same instant counts)."""
+    fields = {"timestamp"}
+    return a.timestamp == b.timestamp and a.model_dump(mode="json", exclude=fields) == b.model_dump(
+        mode="json", exclude=fields
+    )
+
+
+# --- dead letters ------------------------------------------------------------------------
+# The dead-letter stream is text (its readers decode UTF-8), yet must keep whatever
+# a producer sent. A field whose value is not UTF-8, or whose name starts with the
+# reserved `dlm_`, is stored as `dlm_base64_value:<name>` with its value in base64;
+# a field whose name is not UTF-8 as `dlm_base64:<base64 name>`, value in base64.
+BASE64_VALUE = "dlm_base64_value:"
+BASE64_FIELD = "dlm_base64:"
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def dead_letter_fields(pairs: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """An entry's fields in dead-letter form: every byte kept, every field text."""
+    out: list[tuple[str, str]] = []
+    for key, value in pairs:
+        try:
+            name = key.decode("utf-8")
+        except UnicodeDecodeError:
+            out.append((BASE64_FIELD + _b64(key), _b64(value)))
+            continue
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is None or name.startswith("dlm_"):
+            out.append((BASE64_VALUE + name, _b64(value)))
+        else:
+            out.append((name, text))
+    return out
+
+
+def original_fields(letter: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """The producer's fields back from a dead letter (DLM's own `dlm_*` fields dropped)."""
+    out: list[tuple[bytes, bytes]] = []
+    for name, value in letter:
+        if name.startswith(BASE64_FIELD):
+            out.append((base64.b64decode(name[len(BASE64_FIELD) :]), base64.b64decode(value)))
+        elif name.startswith(BASE64_VALUE):
+            out.append((name[len(BASE64_VALUE) :].encode(), base64.b64decode(value)))
+        elif not name.startswith("dlm_"):
+            out.append((name.encode(), value.encode()))
+    return out
 
 
 TRASH_FOLDER = ".dlm-trash"  # in each system folder; the purge's own (dlm_pipelines.purger)

@@ -5,6 +5,8 @@ Used by the `raw_export` asset; free of Dagster so that its steps read in order.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,34 @@ def event_from_record(record: EventRecord) -> ImagingEvent:
     )
 
 
+class Progress:
+    """What a run's exports have done so far, for its heartbeat (thread-safe)."""
+
+    def __init__(self, total_events: int) -> None:
+        self.total_events = total_events
+        self.events_done = 0
+        self.bytes_sent = 0
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+
+    def sent(self, size: int) -> None:
+        with self._lock:
+            self.bytes_sent += size
+
+    def finished(self) -> None:
+        with self._lock:
+            self.events_done += 1
+
+    def describe(self) -> str:
+        seconds = time.monotonic() - self.started
+        mib = self.bytes_sent / 2**20
+        rate = mib / seconds if seconds > 0 else 0.0
+        return (
+            f"{self.events_done} of {self.total_events} event(s) done, "
+            f"{mib:,.1f} MiB sent in {seconds:.0f} s ({rate:.1f} MiB/s)"
+        )
+
+
 @dataclass
 class Exporter:
     catalog: Catalog
@@ -49,12 +79,20 @@ class Exporter:
     data_root: DataRoot
     run_id: str
     run_is_alive: Callable[[str], bool]
+    progress: Progress | None = None
 
     def export(self, record: EventRecord, *, force: bool) -> ExportOutcome:
+        try:
+            return self._export(record, force=force)
+        finally:
+            if self.progress is not None:
+                self.progress.finished()
+
+    def _export(self, record: EventRecord, *, force: bool) -> ExportOutcome:
         ref_id = record.ref_id
         if record.status == EventStatus.VERIFIED and not force:
             if record.announced_at is None:
-                self._announce(record)
+                announce(self.catalog, self.streams, record)
             return ExportOutcome(ref_id, key=record.object_key, skipped="already verified")
         if record.status == EventStatus.VERIFIED:
             # force: only re-upload what still exists locally; the S3 copy stays otherwise.
@@ -85,13 +123,15 @@ class Exporter:
                     )
             key = self._choose_key(record, event)
             condition = self._write_condition(key, ref_id)
-            self.store.abort_incomplete_uploads(key)
+            if record.attempts:  # only an earlier attempt can have left parts behind
+                self.store.abort_incomplete_uploads(key)
             result = self.store.upload_tar(
                 source=source,
                 metadata=event.tar_metadata(),
                 key=key,
                 ref_id=ref_id,
                 condition=condition,
+                on_progress=self.progress.sent if self.progress else None,
             )
             etag = self.store.verify_object(
                 key, size=result.size, sha256=result.sha256, ref_id=ref_id
@@ -112,7 +152,7 @@ class Exporter:
             return self._failed(ref_id, "claim lost while uploading (taken over by another run)")
         verified = self.catalog.get(ref_id)
         assert verified is not None
-        self._announce(verified)
+        announce(self.catalog, self.streams, verified)
         return ExportOutcome(
             ref_id,
             exported=True,
@@ -186,15 +226,16 @@ class Exporter:
             f"both {event.object_key} and {event.collision_free_key} are held by other objects"
         )
 
-    def _announce(self, record: EventRecord) -> None:
-        """XADD to `dlm:new-export`, then note it; a crash in between re-announces."""
-        assert record.object_key and record.size is not None and record.sha256
-        assert record.uploaded_at is not None
-        self.streams.announce_export(
-            ref_id=record.ref_id,
-            sha256=record.sha256,
-            size=record.size,
-            key=f"{record.bucket}/{record.object_key}",
-            uploaded_at=record.uploaded_at,
-        )
-        self.catalog.mark_announced(record.ref_id)
+
+def announce(catalog: Catalog, streams: RedisStreams, record: EventRecord) -> None:
+    """XADD to `dlm:new-export`, then note it; a crash in between re-announces."""
+    assert record.object_key and record.size is not None and record.sha256
+    assert record.uploaded_at is not None
+    streams.announce_export(
+        ref_id=record.ref_id,
+        sha256=record.sha256,
+        size=record.size,
+        key=f"{record.bucket}/{record.object_key}",
+        uploaded_at=record.uploaded_at,
+    )
+    catalog.mark_announced(record.ref_id)

@@ -7,15 +7,56 @@ the README and must not be renamed.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import date, timedelta
 from functools import cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from dotenv import load_dotenv
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    AnyUrl,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_ANY_URL = TypeAdapter(AnyUrl)
+
+
+def url_with(*schemes: str, host: bool = True) -> Callable[[str], str]:
+    """A validator: the value parses as a URL (pydantic's AnyUrl) with one of `schemes`
+    (`postgresql+psycopg2` counts as `postgresql`) and, unless `host=False`, a host.
+    The value stays the string the operator wrote."""
+
+    def check(value: str) -> str:
+        try:
+            url = _ANY_URL.validate_python(value)
+        except ValidationError:
+            raise ValueError("is not a URL") from None
+        if url.scheme.split("+")[0] not in schemes:
+            wanted = " or ".join(f"{s}://" for s in schemes)
+            raise ValueError(f"needs a scheme, {wanted}")
+        if host and not url.host:
+            raise ValueError("has no host")
+        return value
+
+    return check
+
+
+DatabaseUrl = Annotated[str, AfterValidator(url_with("postgresql", "sqlite", host=False))]
+PostgresUrl = Annotated[str, AfterValidator(url_with("postgresql", "postgres"))]
+RedisUrl = Annotated[str, AfterValidator(url_with("redis", "rediss", "unix", host=False))]
+AmqpUrl = Annotated[str, AfterValidator(url_with("amqp", "amqps"))]
+HttpUrl = Annotated[str, AfterValidator(url_with("http", "https"))]
 
 
 def hide_password(url: str) -> str:
@@ -37,16 +78,21 @@ class Settings(BaseSettings):
     )
 
     # --- stores -----------------------------------------------------------------
-    redis_url: str = "redis://localhost:6379/0"
+    redis_url: RedisUrl = "redis://localhost:6379/0"
     data_root: Path = Path(".dlm/data")
-    database_url: str = Field(
+    database_url: DatabaseUrl = Field(
         default_factory=lambda: f"sqlite:///{default_dagster_home() / 'dlm-catalog.sqlite'}",
         description="SQLAlchemy URL of the catalog.",
+        examples=["postgresql+psycopg2://dlm:<password>@db:5432/dlm"],
     )
     # Set: the Dagster instance keeps runs, events and schedules in this PostgreSQL
     # database (dagster.postgres.yaml); unset: SQLite under DAGSTER_HOME.
-    dagster_postgres_url: str | None = None
-    s3_endpoint_url: str | None = None  # unset means AWS
+    dagster_postgres_url: PostgresUrl | None = Field(
+        default=None, examples=["postgresql://dlm:<password>@db:5432/dagster"]
+    )
+    s3_endpoint_url: HttpUrl | None = Field(  # unset means AWS
+        default=None, examples=["http://127.0.0.1:8333"]
+    )
     s3_bucket: str = "mycostreams-raw-data"
     # The standard AWS names, read without the DLM_ prefix. boto3 reads them too;
     # they are here so that one place documents and validates them.
@@ -65,9 +111,17 @@ class Settings(BaseSettings):
     imaging_event_stream: str = "dlm:new-imaging-event"
     export_stream: str = "dlm:new-export"
     dead_letter_stream: str = "dlm:dead-letter"
+    # Entries older than this are trimmed from the three streams (XTRIM MINID); the
+    # imaging stream only below the sensor's cursor. Seconds or ISO-8601.
+    stream_retention: timedelta = Field(default=timedelta(days=7), gt=timedelta(0))
+    # Imaging events dated later than now + this are dead-lettered (a broken clock);
+    # earlier ones in the future wait for their UTC day. Seconds or ISO-8601.
+    event_max_future: timedelta = Field(default=timedelta(days=7), ge=timedelta(0))
 
     # --- archive notifications from the tape archiver (RabbitMQ) --------------------
-    rabbitmq_url: str | None = None  # unset: archive_sensor idles and says why
+    rabbitmq_url: AmqpUrl | None = Field(  # unset: archive_sensor idles and says why
+        default=None, examples=["amqp://dlm:<password>@rabbitmq:5672/%2F"]
+    )
     archive_queue: str = "dlm-archive-locations"
     archive_dead_letter_queue: str = "dlm-archive-locations.dead-letter"
     archive_batch_size: int = Field(default=200, ge=1, le=10_000)  # messages per tick
@@ -89,13 +143,22 @@ class Settings(BaseSettings):
     export_stale_after_seconds: float = Field(default=300.0, gt=0)
     # Never-tried events older than this, with no run waiting, get a run again.
     sensor_sweep_after_seconds: float = Field(default=300.0, gt=0)
+    # Failed events are retried by the sweep: first after the backoff, doubling up to
+    # the cap, until this many export runs have tried; then needs_attention.
+    export_max_attempts: int = Field(default=10, ge=1, le=1000)
+    export_retry_backoff_seconds: float = Field(default=60.0, gt=0)
+    export_retry_backoff_max_seconds: float = Field(default=3600.0, gt=0)
 
     # --- purge of local copies (purger.py) --------------------------------------------
     purge_cron: str = "0 */2 * * *"
     purge_timezone: str = "Europe/Amsterdam"
     # Seconds or ISO-8601 (PT8H), counted from when the event was received.
-    purge_lifespan: timedelta = Field(default=timedelta(hours=8), gt=timedelta(0))
-    purge_systems: Annotated[list[str], NoDecode] = []  # empty: delete nothing
+    purge_lifespan: timedelta = Field(
+        default=timedelta(hours=8), gt=timedelta(0), examples=["PT8H"]
+    )
+    purge_systems: Annotated[list[str], NoDecode] = Field(  # empty: delete nothing
+        default=[], examples=["prince"]
+    )
     purge_dry_run: bool = False
     # Percent of the data root's filesystem to keep free; below it, verified events
     # are purged oldest first before their lifespan. 0 turns this off.
@@ -107,14 +170,24 @@ class Settings(BaseSettings):
     # --- the REST API (dlm_api) -----------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
-    # uvicorn worker processes: small requests in parallel. Each signs URLs with a pool
-    # of one process per core (dlm_api/presign.py), so a few workers suffice.
+    # uvicorn worker processes: small requests in parallel. Signing a URL costs a few µs
+    # (dlm_api/presign.py caches the SigV4 key), so one per core suffices.
     api_workers: int = Field(default=2, ge=1, le=64)
     presign_expires: int = Field(default=3600, ge=1, le=7 * 24 * 3600)  # SigV4 max: 7 days
-    api_tokens: SecretStr | None = None  # "name:token,name:token"
+    api_tokens: SecretStr | None = Field(  # "name:token,name:token"
+        default=None, examples=["lab:<token>,ops:<token>"]
+    )
     api_tokens_file: Path | None = None  # one "name:token" per line; '#' starts a comment
     api_allow_anonymous: bool = False  # only for legacy clients behind a trusted proxy
-    dagster_ui_url: str = "http://127.0.0.1:3000"
+    # true: GET /metrics answers without a token (a Prometheus on a trusted network)
+    metrics_allow_anonymous: bool = False
+    dagster_ui_url: HttpUrl = "http://127.0.0.1:3000"
+
+    # --- alerts (alerts.py) ------------------------------------------------------------
+    # Slack-, Mattermost- or Teams-compatible incoming webhook; unset: no alerts are sent.
+    alert_webhook_url: HttpUrl | None = Field(
+        default=None, examples=["https://hooks.slack.com/services/T000/B000/XXXX"]
+    )
 
     @field_validator("systems", mode="before")
     @classmethod
@@ -122,7 +195,7 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             value = [s.strip() for s in value.split(",") if s.strip()]
         if isinstance(value, list) and not value:
-            raise ValueError("DLM_SYSTEMS must name at least one system")
+            raise ValueError("must name at least one system")
         return value
 
     @field_validator("purge_systems", mode="before")
@@ -132,7 +205,7 @@ class Settings(BaseSettings):
             value = [s.strip() for s in value.split(",") if s.strip()]
         return value
 
-    @field_validator("purge_lifespan", mode="before")
+    @field_validator("purge_lifespan", "stream_retention", "event_max_future", mode="before")
     @classmethod
     def _lifespan_in_seconds(cls, value: object) -> object:
         # pydantic parses ISO-8601 durations and numbers, but not digits in a string.
@@ -146,7 +219,7 @@ class Settings(BaseSettings):
         try:
             ZoneInfo(value)
         except (ValueError, KeyError):
-            raise ValueError(f"DLM_PURGE_TIMEZONE: {value!r} is not an IANA time zone") from None
+            raise ValueError("is not an IANA time zone") from None
         return value
 
     @model_validator(mode="after")
@@ -160,7 +233,85 @@ class Settings(BaseSettings):
         return self
 
 
+SECRET_FIELDS = frozenset({"api_tokens", "aws_secret_access_key", "alert_webhook_url"})
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be used; the message has one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def variable_of(field: str) -> str:
+    """The environment variable that sets `field`."""
+    info = Settings.model_fields.get(field)
+    alias = info.validation_alias if info else None
+    choices = getattr(alias, "choices", None)
+    if choices:
+        return str(choices[0])
+    return f"DLM_{field.upper()}"
+
+
+def _shown(field: str, value: Any) -> str:
+    """The offending value as an operator may see it: no secret, no URL password."""
+    if field in SECRET_FIELDS:
+        return "'***'"
+    text = str(value)
+    try:
+        return repr(hide_password(text))
+    except ValueError:  # not even a URL (a bad port): hide what looks like a password
+        password = text.partition("@")[0].rpartition(":")[2] if "@" in text else ""
+        return repr(text.replace(f":{password}@", ":***@", 1) if password else text)
+
+
+def _example(field: str) -> str | None:
+    info = Settings.model_fields.get(field)
+    if info is None:
+        return None
+    if info.examples:
+        return str(info.examples[0])
+    default = info.get_default(call_default_factory=False)
+    if default is None or callable(default):
+        return None
+    if isinstance(default, list):
+        return ",".join(map(str, default))
+    return str(default)
+
+
+def settings_problems(error: ValidationError) -> list[str]:
+    """One line per problem: the variable, its value, what is wrong, an example."""
+    lines = []
+    for problem in error.errors(include_url=False):
+        message = problem["msg"].removeprefix("Value error, ")
+        if not problem["loc"]:  # a check across settings names its variables itself
+            lines.append(message)
+            continue
+        field = str(problem["loc"][0])
+        variable = variable_of(field)
+        line = f"{variable}={_shown(field, problem.get('input'))}: {message}"
+        if problem["type"] == "missing":
+            line = f"{variable}: is required"
+        example = _example(field)
+        if example is not None:
+            line += f" (e.g. {variable}={example})"
+        lines.append(line)
+    return lines
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment (and `.env`); SettingsError names every bad variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(settings_problems(exc)) from None
+
+
 @cache
 def get_settings() -> Settings:
-    """The process-wide settings, read once."""
-    return Settings()
+    """The process-wide settings, read once. `.env` is loaded into the environment
+    first (without overriding it), so the processes this one starts, and Dagster's
+    EnvVar, see the same values."""
+    load_dotenv(".env", override=False)
+    return load_settings()

@@ -1,5 +1,9 @@
 """Stream a source folder as a tar straight into an S3 multipart upload.
 
+A tar that fits in one part goes up as one `PutObject` instead, with its sha256 in
+the object's metadata and as the request's checksum (the server checks it): one
+request, no multipart upload, no metadata copy afterwards.
+
 One pass over the source bytes, no temporary file. The calling thread writes the
 tar (stdlib `tarfile`), reading file data straight into part-sized buffers; each
 full buffer is hashed (sha256 of the whole tar, in order, on its own thread) and
@@ -11,6 +15,7 @@ multipart upload once the parts in flight are done, so no partial object is left
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import io
@@ -38,8 +43,10 @@ class UploadResult:
     size: int
     sha256: str
     seconds: float
-    etag: str  # as CompleteMultipartUpload returned it
+    etag: str  # as the completing request returned it
     manifest: Manifest
+    # the sha256 is already in the object's metadata (a one-request upload)
+    sha256_in_metadata: bool = False
 
 
 class _MultipartWriter:
@@ -60,11 +67,15 @@ class _MultipartWriter:
         part_size: int,
         concurrency: int,
         on_progress: Callable[[int], None] | None,
+        sha256_metadata_key: str | None = None,
     ) -> None:
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self.single_put = False  # True once the whole tar went up as one PutObject
         self._client = client
         self._target = {"Bucket": bucket, "Key": key}
+        self._object_metadata = object_metadata
+        self._sha256_metadata_key = sha256_metadata_key
         self._part_size = part_size
         self._on_progress = on_progress
         # The request checksums boto3's transfer manager uses: CRC32 per part, checked
@@ -80,12 +91,8 @@ class _MultipartWriter:
         self._filled = 0
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="tar-sha256")
         self._senders = ThreadPoolExecutor(concurrency, thread_name_prefix="tar-part")
-        self._upload_id: str = client.create_multipart_upload(
-            **self._target,
-            Metadata=object_metadata,
-            ContentType="application/x-tar",
-            **self._checksum,
-        )["UploadId"]
+        # started with the first full part: a tar that fits in one part never needs one
+        self._upload_id: str | None = None
 
     # the file interface `tarfile` uses
     def write(self, data: bytes | bytearray | memoryview) -> int:
@@ -122,9 +129,11 @@ class _MultipartWriter:
     def complete(self, condition: dict[str, str] | None = None) -> str:
         """Send the last part and complete the upload; returns the object's ETag.
 
-        `condition`: `IfNoneMatch`/`IfMatch` for CompleteMultipartUpload, so the object
+        `condition`: `IfNoneMatch`/`IfMatch` for the completing request, so the object
         appears only if the key is (still) what the caller expects.
         """
+        if not self._parts and self._sha256_metadata_key is not None:
+            return self._put_whole(condition)
         if self._filled or not self._parts:
             self._send_part(last=True)
         wait(self._parts)
@@ -140,11 +149,34 @@ class _MultipartWriter:
         )
         return str(response["ETag"])
 
+    def _put_whole(self, condition: dict[str, str] | None) -> str:
+        """The whole tar is in the first buffer: one PutObject with its sha256."""
+        assert self._sha256_metadata_key is not None
+        self._hasher.shutdown()
+        self._senders.shutdown()
+        body = bytes(self._view[: self._filled])
+        self.sha256.update(body)
+        digest = self.sha256.digest()
+        response = self._client.put_object(
+            **self._target,
+            Body=body,
+            Metadata={**self._object_metadata, self._sha256_metadata_key: digest.hex()},
+            ContentType="application/x-tar",
+            ChecksumSHA256=base64.b64encode(digest).decode(),  # the server verifies it
+            **(condition or {}),
+        )
+        self.single_put = True
+        if self._on_progress is not None:
+            self._on_progress(len(body))
+        return str(response["ETag"])
+
     def abort(self, failure: BaseException) -> None:
         """Stop, let parts in flight finish, then abort: no part outlives the upload."""
         self._failure = self._failure or failure
         self._senders.shutdown(cancel_futures=True)
         self._hasher.shutdown(cancel_futures=True)
+        if self._upload_id is None:  # no multipart upload was started
+            return
         try:
             self._client.abort_multipart_upload(**self._target, UploadId=self._upload_id)
         except Exception as exc:  # keep the cause; ObjectStore.abort_incomplete_uploads cleans up
@@ -153,6 +185,13 @@ class _MultipartWriter:
     def _send_part(self, last: bool = False) -> None:
         self._raise_failure()
         number = len(self._parts) + 1
+        if self._upload_id is None:
+            self._upload_id = self._client.create_multipart_upload(
+                **self._target,
+                Metadata=self._object_metadata,
+                ContentType="application/x-tar",
+                **self._checksum,
+            )["UploadId"]
         if number > MAX_PARTS_S3:
             raise RuntimeError(f"the tar outgrew {MAX_PARTS_S3} parts of {self._part_size} bytes")
         buffer, filled = self._buffer, self._filled
@@ -323,13 +362,15 @@ def upload_tar(
     part_concurrency: int,
     on_progress: Callable[[int], None] | None = None,
     condition: dict[str, str] | None = None,
+    sha256_metadata_key: str | None = None,
 ) -> UploadResult:
     """Tar `source` into `s3://bucket/key`; returns the size, sha256 and ETag of the
     tar and the manifest of what went into it.
 
-    `condition` makes the completion conditional (`{"IfNoneMatch": "*"}`: only if the
-    key is free). On any error the multipart upload is aborted, so no partial object
-    is left behind.
+    `condition` makes the write conditional (`{"IfNoneMatch": "*"}`: only if the key
+    is free). On any error the multipart upload is aborted, so no partial object is
+    left behind. With `sha256_metadata_key`, a tar no larger than one part goes up as
+    one PutObject carrying its sha256 under that metadata key (`sha256_in_metadata`).
     """
     started = time.monotonic()
     writer = _MultipartWriter(
@@ -340,6 +381,7 @@ def upload_tar(
         part_size=part_size_for(estimate_tar_size(source), part_size),
         concurrency=part_concurrency,
         on_progress=on_progress,
+        sha256_metadata_key=sha256_metadata_key,
     )
     recorder = ManifestRecorder()
     try:
@@ -354,4 +396,5 @@ def upload_tar(
         seconds=time.monotonic() - started,
         etag=etag,
         manifest=recorder.manifest(),
+        sha256_in_metadata=writer.single_put,
     )

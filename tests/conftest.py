@@ -151,3 +151,11 @@ def dagster_instance():
 
     with instance_for_test() as instance:
         yield instance
+
+
+# Hypothesis: `--hypothesis-profile=long` for a deep run of the fuzz tests (the
+# intake fuzz takes max(2,000, max_examples) examples, the archive fuzz half that;
+# give it `--timeout=3600`). `make test` uses hypothesis's defaults.
+from hypothesis import settings as hypothesis_settings  # noqa: E402
+
+hypothesis_settings.register_profile("long", max_examples=10_000, deadline=None)

@@ -24,7 +24,7 @@ from pydantic import Field
 
 from dlm_pipelines.catalog import Catalog, EventRecord, EventStatus
 from dlm_pipelines.dagster_runs import run_is_alive
-from dlm_pipelines.exporter import Exporter, ExportOutcome
+from dlm_pipelines.exporter import Exporter, ExportOutcome, Progress
 from dlm_pipelines.resources import DataRoot, ObjectStore, RedisStreams
 from dlm_pipelines.settings import Settings
 
@@ -34,6 +34,8 @@ EXPORT_TABLE_SCHEMA = TableSchema(
         TableColumn("key", "string"),
         TableColumn("size", "int"),
         TableColumn("sha256", "string"),
+        TableColumn("seconds", "float"),
+        TableColumn("MiB/s", "float"),  # this event's upload throughput
     ]
 )
 
@@ -92,6 +94,8 @@ def _summary(outcomes: list[ExportOutcome], seconds: float) -> dict[str, Any]:
                         "key": o.key or "",
                         "size": o.size,
                         "sha256": o.sha256 or "",
+                        "seconds": round(o.seconds, 3),
+                        "MiB/s": round(o.size / 2**20 / o.seconds, 2) if o.seconds > 0 else 0.0,
                     }
                 )
                 for o in exported
@@ -146,6 +150,7 @@ def build_raw_export(
             data_root=data_root,
             run_id=run_id,
             run_is_alive=lambda other: run_is_alive(context.instance, other),
+            progress=(progress := Progress(len(records))),
         )
         started = time.monotonic()
         with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="export") as pool:
@@ -153,8 +158,7 @@ def build_raw_export(
             # The log doubles as a heartbeat: the sensor fails export runs that stay
             # silent too long (a run worker that died with its machine or daemon).
             while wait(futures, timeout=heartbeat_seconds).not_done:
-                done = sum(f.done() for f in futures)
-                context.log.info(f"heartbeat: {done} of {len(futures)} event(s) done")
+                context.log.info(f"heartbeat: {progress.describe()}")
             outcomes = [f.result() for f in futures]
         seconds = time.monotonic() - started
 

@@ -10,6 +10,7 @@ enough for parallel part uploads, and timeouts, none of which dagster-aws's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -89,11 +90,13 @@ class ObjectStore(ResourceWithS3Configuration):
         key: str,
         ref_id: str,
         condition: dict[str, str] | None = None,
+        on_progress: Callable[[int], None] | None = None,
     ) -> UploadResult:
         """Stream the tar of `source` to `key`, then record its sha256 on the object.
+        `on_progress` gets the size of each part once S3 has it.
 
         `condition` (`{"IfNoneMatch": "*"}` for a free key, `{"IfMatch": etag}` to
-        replace exactly that object) makes the completion conditional; where the store
+        replace exactly that object) makes the write conditional; where the store
         answers NotImplemented, a HEAD checks the same just before an unconditional try.
         """
         arguments: dict[str, Any] = {
@@ -104,6 +107,8 @@ class ObjectStore(ResourceWithS3Configuration):
             "object_metadata": {REF_ID_META: ref_id},
             "part_size": self.part_size_mib << 20,
             "part_concurrency": self.part_concurrency,
+            "on_progress": on_progress,
+            "sha256_metadata_key": SHA256_META,
         }
         try:
             result = upload_tar(self.client, condition=condition, **arguments)
@@ -112,6 +117,8 @@ class ObjectStore(ResourceWithS3Configuration):
                 raise
             self._check_by_head(key, condition)
             result = upload_tar(self.client, **arguments)
+        if result.sha256_in_metadata:  # a one-part tar: put whole, with its sha256
+            return result
         # The sha256 is known only once the last byte is sent: add it to the object's
         # metadata with an in-place copy (metadata only on SeaweedFS and AWS), only of
         # the object this upload made (a writer in between fails the copy).

@@ -2,7 +2,10 @@
 materialisations of `tape_archive`.
 
 A tick takes a batch with `basic_get`, dead-letters what cannot be parsed, commits
-the rest to the catalog in one transaction and only then acks it. A tick cut short
+the rest to the catalog in one transaction and only then acks it. If the catalog
+refuses the batch while it is reachable, the messages are recorded one at a time and
+each one it refuses is dead-lettered alone (issue 11), so no poison message blocks
+the queue. A tick cut short
 (broker restart, crash) loses nothing: unacked messages are redelivered and recording
 them again is a no-op. No cursor: the queue's acks are the cursor.
 """
@@ -23,6 +26,7 @@ from dagster import (
     sensor,
 )
 
+from dlm_pipelines import alerts
 from dlm_pipelines.archive_locations import (
     ArchiveMessage,
     InvalidArchiveMessage,
@@ -30,7 +34,13 @@ from dlm_pipelines.archive_locations import (
 )
 from dlm_pipelines.assets.archive_locations import TAPE_ARCHIVE
 from dlm_pipelines.catalog import Catalog, RecordedJob
-from dlm_pipelines.resources.archive_queue import ArchiveQueue, BrokerError, Delivery
+from dlm_pipelines.resources.alerts import Alerts
+from dlm_pipelines.resources.archive_queue import (
+    ArchiveInbox,
+    ArchiveQueue,
+    BrokerError,
+    Delivery,
+)
 from dlm_pipelines.settings import Settings
 
 # Stop taking messages after this long, well inside Dagster's 60 s sensor timeout.
@@ -41,6 +51,7 @@ TICK_BUDGET_SECONDS = 30.0
 class Tick:
     jobs: list[RecordedJob] = field(default_factory=list)
     dead_lettered: int = 0
+    dead_letter_reasons: list[str] = field(default_factory=list)
     stopped_by: str | None = None  # why the batch ended early
 
     @property
@@ -76,7 +87,10 @@ def build_archive_sensor(
         default_status=DefaultSensorStatus.RUNNING,
     )
     def archive_sensor(
-        context: SensorEvaluationContext, archive_queue: ArchiveQueue, catalog: Catalog
+        context: SensorEvaluationContext,
+        archive_queue: ArchiveQueue,
+        catalog: Catalog,
+        alert_webhook: Alerts,
     ) -> SensorResult | SkipReason:
         if not archive_queue.url:
             return SkipReason("DLM_RABBITMQ_URL is not set: archive notifications are not read")
@@ -88,30 +102,88 @@ def build_archive_sensor(
                 for delivery in inbox.take(batch_size):
                     try:
                         taken.append((delivery, parse_archive_message(delivery.body)))
-                    except InvalidArchiveMessage as exc:
-                        inbox.dead_letter(delivery, str(exc))
-                        tick.dead_lettered += 1
-                        context.log.warning(f"dead-lettered to {inbox.dead_letter_queue}: {exc}")
+                    except Exception as exc:  # whatever the parser meets: this message only
+                        reason = (
+                            str(exc)
+                            if isinstance(exc, InvalidArchiveMessage)
+                            else f"could not be handled: {type(exc).__name__}: {exc}"
+                        )
+                        _dead_letter(context, inbox, tick, delivery, reason)
                     if time.monotonic() > deadline:
                         tick.stopped_by = f"tick budget of {TICK_BUDGET_SECONDS:.0f} s used"
                         break
-                # One transaction for the batch; a catalog error raises with nothing acked.
-                tick.jobs = catalog.record_archive_messages([m for _, m in taken])
-                for (delivery, _), job in zip(taken, tick.jobs, strict=True):
-                    _log_job(context, job, delivery.redelivered)
-                for delivery, _ in taken:
-                    inbox.ack(delivery)
+                _record(context, catalog, inbox, tick, taken)
         except BrokerError as exc:
             if not tick.handled:
                 return SkipReason(f"RabbitMQ unavailable, retrying next tick: {exc}")
             context.log.warning(f"{exc}; messages not acked stay queued for the next tick")
             tick.stopped_by = str(exc)
+        if tick.dead_letter_reasons:  # one alert per tick, however many it dead-lettered
+            alert_webhook.send(
+                alerts.dead_letters(
+                    source=archive_queue.queue,
+                    destination=archive_queue.dead_letter_queue,
+                    reasons=tick.dead_letter_reasons,
+                )
+            )
         return SensorResult(
             asset_events=materializations(context, tick.jobs, partitions_def),
             skip_reason=tick.summary(archive_queue.queue),
         )
 
     return archive_sensor
+
+
+def _record(
+    context: SensorEvaluationContext,
+    catalog: Catalog,
+    inbox: ArchiveInbox,
+    tick: Tick,
+    taken: list[tuple[Delivery, ArchiveMessage]],
+) -> None:
+    """Record and ack the parsed messages: one transaction for the batch; if the catalog
+    refuses it while reachable, one per message, dead-lettering each it refuses.
+
+    A catalog outage raises (from `ping`) with nothing acked: the messages come back.
+    Each job is in `tick.jobs` before its ack, so a broker lost meanwhile is reported.
+    """
+    try:
+        jobs = catalog.record_archive_messages([m for _, m in taken])
+    except Exception as exc:  # the driver refuses some values (NUL) before PostgreSQL does
+        catalog.ping()
+        context.log.warning(f"the catalog refused the batch ({exc}); recording one at a time")
+        for delivery, parsed in taken:
+            try:
+                (job,) = catalog.record_archive_messages([parsed])
+            except Exception as refused:
+                catalog.ping()
+                reason = f"the catalog refused it: {type(refused).__name__}: {refused}"
+                _dead_letter(context, inbox, tick, delivery, reason)
+                continue
+            _log_job(context, job, delivery.redelivered)
+            tick.jobs.append(job)
+            inbox.ack(delivery)
+        return
+    for (delivery, _), job in zip(taken, jobs, strict=True):
+        _log_job(context, job, delivery.redelivered)
+    tick.jobs.extend(jobs)
+    for delivery, _ in taken:
+        inbox.ack(delivery)
+
+
+def _dead_letter(
+    context: SensorEvaluationContext,
+    inbox: ArchiveInbox,
+    tick: Tick,
+    delivery: Delivery,
+    reason: str,
+) -> None:
+    # The reason travels in an AMQP header: no lone surrogates in it.
+    reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")
+    inbox.dead_letter(delivery, reason)
+    tick.dead_lettered += 1
+    tick.dead_letter_reasons.append(reason)
+    context.log.warning(f"dead-lettered to {inbox.dead_letter_queue}: {reason[:500]}")
 
 
 def _log_job(context: SensorEvaluationContext, job: RecordedJob, redelivered: bool) -> None:

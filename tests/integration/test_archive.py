@@ -356,6 +356,36 @@ def test_malformed_bodies_are_dead_lettered_with_the_reason(
     assert summary(tick(dlm, dagster_instance)).startswith("no archive notifications")
 
 
+def test_a_poison_message_is_dead_lettered_alone_and_the_good_ones_recorded(
+    dlm, dagster_instance, catalog: Catalog, archive_queue: ArchiveQueue
+) -> None:
+    """Issue 11: bodies that parse but the catalog refuses (NUL, lone surrogates) or that
+    make the parser recurse too deep never block the queue or the good messages."""
+    url = archive_queue.url or ""
+    good = [message({f"images/exp-g{i}/20261130.tar": []}, str(uuid.uuid4())) for i in range(3)]
+    poison = {
+        message({"images/exp-nul/20261130.tar": []}, "job\u0000nul"): "refused",
+        message({"images/exp-sur/20261130.tar": []}, "job\ud800surrogate"): "refused",
+        b'{"job_id": "deep", "date": "2026-12-01", "archives": '
+        + b"[" * 100_000
+        + b"]" * 100_000
+        + b"}": "could not be handled: RecursionError",
+    }
+    bodies = [good[0], *list(poison)[:2], good[1], list(poison)[2], good[2]]
+    publish(url, bodies, queue=archive_queue.queue)
+
+    result = tick(dlm, dagster_instance)
+    assert "3 archive job(s) recorded" in summary(result), summary(result)
+    assert "3 dead-lettered" in summary(result)
+    assert ready(url, archive_queue.queue) == 0  # nothing blocks the queue
+    assert len(jobs(catalog, [json.loads(b)["job_id"] for b in good])) == 3
+    dead = {body: properties for properties, body in take_all(url, archive_queue.dead_letter_queue)}
+    assert set(dead) == set(poison)  # bodies untouched
+    for body, expected in poison.items():
+        assert expected in (dead[body].headers or {})[REASON_HEADER]
+    assert summary(tick(dlm, dagster_instance)).startswith("no archive notifications")
+
+
 def test_unknown_keys_are_kept_as_unmatched_members(
     dlm, dagster_instance, catalog: Catalog, archive_queue: ArchiveQueue
 ) -> None:

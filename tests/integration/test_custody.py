@@ -149,8 +149,11 @@ def test_an_archived_object_is_never_replaced(lab) -> None:
     assert object_bytes(lab, record.object_key) == stored
 
 
+MULTIPART = {"big.tif": os.urandom(6 << 20)}  # over the test store's 5 MiB part: no single PUT
+
+
 def test_a_writer_between_upload_and_copy_is_never_described_by_our_sha256(lab) -> None:
-    record = lab.add()
+    record = lab.add(files=MULTIPART)
     theirs = os.urandom(4000)
     writer = other_client(lab)
 
@@ -176,7 +179,7 @@ def test_a_writer_between_upload_and_copy_is_never_described_by_our_sha256(lab) 
 
 
 def test_a_key_taken_between_head_and_completion_is_not_overwritten(lab) -> None:
-    record = lab.add()
+    record = lab.add(files=MULTIPART)
     theirs = os.urandom(4000)
     writer = other_client(lab)
 

@@ -6,9 +6,11 @@ import hashlib
 import io
 import os
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
+from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from dlm_pipelines.tar_stream import upload_tar, write_tar
@@ -169,3 +171,86 @@ def test_a_part_corrupted_on_its_way_is_refused_and_leaves_nothing(
 
 class LinkDown(RuntimeError):
     pass
+
+
+def test_a_one_part_tar_goes_up_as_one_put_with_its_sha256(object_store, tmp_path: Path) -> None:
+    """The small-event path: one PutObject carrying the sha256 (metadata and checksum),
+    no multipart upload and no metadata copy; the object is what verification expects."""
+    source = tmp_path / "acq"
+    source.mkdir()
+    (source / "frame.tif").write_bytes(os.urandom(1000))
+    key = "images/exp/20260101/000004.tar"
+    calls: list[str] = []
+    requests: list[dict] = []
+
+    def record(model, params, **_) -> None:
+        calls.append(model.name)
+        requests.append(params)
+
+    object_store.client.meta.events.register("before-call.s3", record)
+    try:
+        result = object_store.upload_tar(
+            source=source,
+            metadata={"ref_id": "r4", "timestamp": "2026-01-01T00:00:04+00:00"},
+            key=key,
+            ref_id="r4",
+        )
+    finally:
+        object_store.client.meta.events.unregister("before-call.s3", record)
+
+    assert calls == ["PutObject"] and result.sha256_in_metadata
+    assert requests[0]["headers"]["x-amz-checksum-sha256"]
+    body = object_store.client.get_object(Bucket=object_store.bucket, Key=key)["Body"].read()
+    assert (result.size, result.sha256) == (len(body), hashlib.sha256(body).hexdigest())
+    object_store.verify_object(key, size=result.size, sha256=result.sha256, ref_id="r4")
+    assert object_store.head(key)["ContentType"] == "application/x-tar"
+    assert leftovers(object_store, key) == ([key], [])
+
+
+def test_a_one_part_tar_corrupted_on_its_way_is_refused(object_store, tmp_path: Path) -> None:
+    key = "images/exp/20260101/000005.tar"
+
+    def flip_a_byte(request, **_) -> None:
+        sent = request.body
+        body = bytearray(sent.read() if hasattr(sent, "read") else sent)
+        body[len(body) // 2] ^= 0xFF
+        request.body = bytes(body)
+
+    def corrupting_client(checksums: str) -> Any:
+        client = boto3.client(
+            "s3",
+            endpoint_url=object_store.endpoint_url,
+            region_name=object_store.region_name,
+            # no payload hash in the signature: only a checksum can catch the change
+            config=Config(
+                s3={"payload_signing_enabled": False}, request_checksum_calculation=checksums
+            ),
+        )
+        client.meta.events.register("before-send.s3.PutObject", flip_a_byte)
+        return client
+
+    # the control: without a checksum, the store keeps the corrupted bytes
+    control = corrupting_client("when_required")
+    control.put_object(Bucket=object_store.bucket, Key=key + ".control", Body=b"x" * 1000)
+    assert object_store.head(key + ".control") is not None
+    object_store.client.delete_object(Bucket=object_store.bucket, Key=key + ".control")
+
+    client = corrupting_client("when_required")  # no CRC32 either: only our sha256
+    source = tmp_path / "acq"
+    source.mkdir()
+    (source / "frame.tif").write_bytes(os.urandom(1000))
+    with pytest.raises(ClientError) as refused:
+        upload_tar(
+            client,
+            source=source,
+            metadata={"ref_id": "r5", "timestamp": "2026-01-01T00:00:05+00:00"},
+            bucket=object_store.bucket,
+            key=key,
+            object_metadata={"ref-id": "r5"},
+            part_size=PART,
+            part_concurrency=1,
+            sha256_metadata_key="sha256",
+        )
+    print(f"the store's answer: {refused.value}")
+    assert object_store.head(key) is None
+    assert leftovers(object_store, key) == ([], [])

@@ -1,8 +1,8 @@
 """compose.yml: the production-like stack stays complete, healthy and in step with settings.py.
 
 Nothing here runs a container (no Docker engine in CI); the last tests run the
-`docker-compose` client's own validation when that binary is installed. They are
-a tooling check of the file, not a service test, so they skip when it is absent.
+`docker-compose` client's own validation and rendering (Debian's docker-compose
+1.29, which `.ci/run` installs); a missing client fails them.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ SECRETS = (
     "S3_ACCESS_KEY",
     "S3_SECRET_KEY",
     "DLM_API_TOKENS",
+    "DAGSTER_UI_PASSWORD_HASH",
 )
 DAGSTER_SERVICES = ("code-server", "webserver", "daemon")
-LONG_RUNNING = ("postgres", "redis", "rabbitmq", "s3", *DAGSTER_SERVICES, "api")
+LONG_RUNNING = ("postgres", "redis", "rabbitmq", "s3", *DAGSTER_SERVICES, "ui-proxy", "api")
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,8 @@ def test_dagster_runs_on_postgres_with_one_daemon_and_the_code_server(compose: d
         assert "deploy/workspace.docker.yaml" in services[name]["command"]
     for name in (*DAGSTER_SERVICES, "api", "setup"):
         env = env_of(services[name])
-        assert env["DLM_DAGSTER_POSTGRES_URL"].startswith("postgresql://")
+        # the driver the image has (SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3)
+        assert env["DLM_DAGSTER_POSTGRES_URL"].startswith("postgresql+psycopg2://")
         # the same rule as `make dev` picks the instance file: PostgreSQL storage
         assert instance_config(ROOT, env["DLM_DAGSTER_POSTGRES_URL"]).name == POSTGRES_CONFIG
         assert "dagster-home:/opt/dagster/home" in services[name]["volumes"]
@@ -120,34 +122,85 @@ def test_the_image_is_built_from_the_lock_file() -> None:
     assert "COPY pyproject.toml uv.lock" in dockerfile
 
 
-DOCKER_COMPOSE = shutil.which("docker-compose")
-needs_client = pytest.mark.skipif(
-    DOCKER_COMPOSE is None, reason="tooling check: the docker-compose client is not installed"
-)
+DOCKER_COMPOSE = shutil.which("docker-compose")  # .ci/run installs it with apt
 
 
-def run_config(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    empty = tmp_path / "empty.env"  # never a developer's own .env
-    empty.write_text("")
-    assert DOCKER_COMPOSE is not None
+def run_config(
+    tmp_path: Path, env: dict[str, str], dotenv: dict[str, str] | None = None, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """`docker-compose config` with `dotenv` as the project's `.env` (never a developer's own:
+    the project directory is `tmp_path`, so `env_file: .env` reads that one)."""
+    env_file = tmp_path / ".env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in (dotenv or {}).items()))
+    assert DOCKER_COMPOSE is not None, "docker-compose is not installed (.ci/run installs it)"
     return subprocess.run(
-        [DOCKER_COMPOSE, "--env-file", str(empty), "-f", str(COMPOSE), "config", "-q"],
+        [
+            DOCKER_COMPOSE,
+            "--project-directory",
+            str(tmp_path),
+            "--env-file",
+            str(env_file),
+            "-f",
+            str(COMPOSE),
+            "config",
+            *args,
+        ],
         env={"PATH": "/usr/bin:/bin", **env},
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=ROOT,
+        cwd=tmp_path,
     )
 
 
-@needs_client
+DUMMY_SECRETS = {secret: f"dummy-{secret.lower()}" for secret in SECRETS}
+
+
 def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
-    result = run_config(tmp_path, {secret: f"dummy-{secret.lower()}" for secret in SECRETS})
+    result = run_config(tmp_path, DUMMY_SECRETS, None, "-q")
     assert result.returncode == 0, result.stderr
 
 
-@needs_client
 def test_docker_compose_refuses_to_start_without_the_secrets(tmp_path: Path) -> None:
-    result = run_config(tmp_path, {})
+    result = run_config(tmp_path, {}, None, "-q")
     assert result.returncode != 0
     assert "set " in result.stderr and "PASSWORD" in result.stderr
+
+
+def test_every_setting_in_dotenv_reaches_the_dlm_services(tmp_path: Path) -> None:
+    """An operator's `DLM_PURGE_SYSTEMS=prince` in `.env` must reach the code server (where
+    purge runs execute), the daemon and the API; the fixed wiring still wins."""
+    dotenv = {
+        **DUMMY_SECRETS,
+        "DLM_PURGE_SYSTEMS": "prince",
+        "DLM_PURGE_LIFESPAN": "P2D",
+        "DLM_DATA_ROOT": "/somewhere/else",  # the compose wiring must win over this
+    }
+    result = run_config(tmp_path, {}, dotenv)
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    for name in ("code-server", "daemon", "api", "webserver", "setup"):
+        env = env_of(services[name])
+        assert env.get("DLM_PURGE_SYSTEMS") == "prince", f"{name} does not see DLM_PURGE_SYSTEMS"
+        assert env.get("DLM_PURGE_LIFESPAN") == "P2D", name
+    assert env_of(services["code-server"])["DLM_DATA_ROOT"] == "/data"
+    assert env_of(services["api"])["DLM_API_TOKENS"] == DUMMY_SECRETS["DLM_API_TOKENS"]
+
+
+def test_the_ui_is_published_only_behind_a_login(tmp_path: Path) -> None:
+    """Dagster OSS has no login and its UI launches forced re-exports and purges."""
+    bcrypt = "$2a$14$Zkx19XLiW6VYouLHR5NmfOFU0z2GTNmpkT/5qqR7hx4IjWJPDhjvG"
+    result = run_config(tmp_path, {}, {**DUMMY_SECRETS, "DAGSTER_UI_PASSWORD_HASH": f"'{bcrypt}'"})
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    published = {n for n, s in services.items() if s.get("ports")}
+    assert "webserver" not in published
+    proxy = services["ui-proxy"]
+    assert proxy["ports"] == ["127.0.0.1:3000:3000/tcp"]
+    # the hash arrives intact (a `$` interpolated away would lock everyone out);
+    # `config` writes a literal `$` as `$$`
+    assert env_of(proxy)["DAGSTER_UI_PASSWORD_HASH"].replace("$$", "$") == bcrypt
+    caddyfile = (ROOT / "deploy/Caddyfile").read_text()
+    assert "basic_auth" in caddyfile and "{$DAGSTER_UI_PASSWORD_HASH}" in caddyfile
+    assert "reverse_proxy webserver:3000" in caddyfile
+    assert any(v.endswith(":/etc/caddy/Caddyfile:ro") for v in proxy["volumes"])
