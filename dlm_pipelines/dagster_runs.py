@@ -6,6 +6,11 @@ the same everywhere. Only the public `DagsterInstance` API.
 
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
+# On an export run that the sensor started: "true" while the run takes every new
+# event of its partition (so the sensor requests no other run), "false" once it stopped
+# taking them. Set on the run request, turned off by the run itself.
+ACCEPTING_TAG = "dlm/accepting"
+
 # Not started yet: such a run takes every pending event of its partition when it starts.
 WAITING_RUN_STATUSES = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED]
 RUNNING_STATUSES = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
@@ -28,11 +33,21 @@ def alive_runs(instance: DagsterInstance, run_ids: set[str]) -> set[str]:
     return {record.dagster_run.run_id for record in records}
 
 
-def partition_has_run(
-    instance: DagsterInstance, partition_key: str, statuses: list[DagsterRunStatus]
-) -> bool:
-    """Whether a run of `partition_key` is in one of `statuses` now."""
-    runs = instance.get_run_records(
-        filters=RunsFilter(statuses=statuses, tags={"dagster/partition": partition_key}), limit=1
+def partition_will_take_new_events(instance: DagsterInstance, partition_key: str) -> bool:
+    """Whether a run of `partition_key` will export the events recorded now: one that
+    has not started (it takes every pending event when it does), or one that accepts."""
+    records = instance.get_run_records(
+        filters=RunsFilter(
+            statuses=[*WAITING_RUN_STATUSES, *RUNNING_STATUSES],
+            tags={"dagster/partition": partition_key},
+        )
     )
-    return bool(runs)
+    return any(
+        r.dagster_run.status in WAITING_RUN_STATUSES
+        or r.dagster_run.tags.get(ACCEPTING_TAG) == "true"
+        for r in records
+    )
+
+
+def stop_accepting(instance: DagsterInstance, run_id: str) -> None:
+    instance.add_run_tags(run_id, {ACCEPTING_TAG: "false"})

@@ -1,4 +1,6 @@
-"""Export one catalogued event: claim → key → stream tar to S3 → verify → announce.
+"""Export catalogued events: `Exporter` does one (claim → key → stream tar to S3 →
+verify → announce), `export_partition` a run's worth, side by side, and keeps a warm
+run taking its partition's new events.
 
 Used by the `raw_export` asset; free of Dagster so that its steps read in order.
 """
@@ -7,7 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,12 +49,17 @@ def event_from_record(record: EventRecord) -> ImagingEvent:
 class Progress:
     """What a run's exports have done so far, for its heartbeat (thread-safe)."""
 
-    def __init__(self, total_events: int) -> None:
+    def __init__(self, total_events: int = 0) -> None:
         self.total_events = total_events
         self.events_done = 0
         self.bytes_sent = 0
         self.started = time.monotonic()
         self._lock = threading.Lock()
+
+    def taken(self, events: int) -> None:
+        """A warm run took more events of its partition."""
+        with self._lock:
+            self.total_events += events
 
     def sent(self, size: int) -> None:
         with self._lock:
@@ -239,3 +247,97 @@ def announce(catalog: Catalog, streams: RedisStreams, record: EventRecord) -> No
         uploaded_at=record.uploaded_at,
     )
     catalog.mark_announced(record.ref_id)
+
+
+@dataclass(frozen=True)
+class Linger:
+    """How a warm run keeps taking its partition's never-tried events.
+
+    The run polls the catalog, where the sensor records new events, until it has
+    been idle for `idle_seconds`, has run for `max_seconds`, or another run of its
+    system waits. Then it calls `stop_accepting` (after which the sensor requests a
+    new run for new events) and takes what arrived up to that moment, so that an
+    event is never left between the two.
+    """
+
+    idle_seconds: float
+    max_seconds: float
+    stop_accepting: Callable[[], None]
+    others_waiting: Callable[[], bool]
+    poll_seconds: float = 0.2
+    others_every_seconds: float = 2.0
+
+
+def export_partition(
+    exporter: Exporter,
+    partition_key: str,
+    records: Iterable[EventRecord],
+    *,
+    force: bool,
+    concurrency: int,
+    heartbeat_seconds: float,
+    on_heartbeat: Callable[[bool], None],
+    linger: Linger | None = None,
+) -> list[ExportOutcome]:
+    """Export `records` (and, while lingering, each new event of the partition), at
+    most `concurrency` at once; `on_heartbeat(accepting)` is called every
+    `heartbeat_seconds`."""
+    started = time.monotonic()
+    taken: set[str] = set()
+    futures: list[Future[ExportOutcome]] = []
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="export") as pool:
+
+        def take(batch: Iterable[EventRecord]) -> int:
+            new = [r for r in batch if r.ref_id not in taken]
+            for record in new:
+                taken.add(record.ref_id)
+                futures.append(pool.submit(exporter.export, record, force=force))
+            if exporter.progress is not None:
+                exporter.progress.taken(len(new))
+            return len(new)
+
+        def poll() -> int:
+            return take(exporter.catalog.in_partition(partition_key, [EventStatus.RECEIVED]))
+
+        take(records)
+        accepting = linger is not None
+        try:
+            now = time.monotonic()
+            next_beat, last_active, next_others = now + heartbeat_seconds, now, now
+            while True:
+                now = time.monotonic()
+                pending = [f for f in futures if not f.done()]
+                if now >= next_beat:
+                    on_heartbeat(accepting)
+                    next_beat = now + heartbeat_seconds
+                if linger is not None and accepting:
+                    if pending:
+                        last_active = now
+                    if poll():
+                        last_active = now
+                    others = False
+                    if now >= next_others:
+                        next_others = now + linger.others_every_seconds
+                        others = linger.others_waiting()
+                    if (
+                        now - last_active >= linger.idle_seconds
+                        or now - started >= linger.max_seconds
+                        or others
+                    ):
+                        linger.stop_accepting()
+                        accepting = False
+                        poll()  # what the sensor recorded before it saw us stop
+                    pending = [f for f in futures if not f.done()]
+                if not accepting and not pending:
+                    break
+                step = max(0.0, next_beat - now)
+                if linger is not None and accepting:
+                    step = min(step, linger.poll_seconds)
+                if pending:
+                    wait(pending, timeout=step, return_when=FIRST_COMPLETED)
+                else:
+                    time.sleep(step)
+        finally:
+            if linger is not None and accepting:
+                linger.stop_accepting()  # failed: the sweep takes what arrives now
+    return [f.result() for f in futures]

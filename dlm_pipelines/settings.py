@@ -128,7 +128,11 @@ class Settings(BaseSettings):
 
     # --- export -----------------------------------------------------------------
     partition_start_date: date = date(2026, 1, 1)
-    sensor_interval_seconds: int = Field(default=5, ge=1, le=5)
+    sensor_interval_seconds: int = Field(default=1, ge=1, le=5)
+    # Dagster's sensor daemon starts a round of ticks only every 5 s, whatever the
+    # interval; a tick that finds nothing waits this long on the stream instead, so an
+    # event is read the moment it arrives. 0: never wait.
+    sensor_wait_seconds: float = Field(default=4.0, ge=0, le=30)
     sensor_batch_size: int = Field(default=500, ge=1, le=10_000)
     export_concurrency: int = Field(default=4, ge=1, le=64)
     export_part_size_mib: int = Field(default=16, ge=5, le=5 * 1024)
@@ -141,6 +145,11 @@ class Settings(BaseSettings):
     # is marked failed, so its events are exported again and its system is unblocked.
     export_heartbeat_seconds: float = Field(default=30.0, gt=0, le=600)
     export_stale_after_seconds: float = Field(default=300.0, gt=0)
+    # A run the sensor started stays warm: it keeps taking its partition's new events
+    # until it has had none for the linger time, or has run for the maximum (0: no
+    # lingering; backfills and UI runs never linger).
+    export_linger_seconds: float = Field(default=30.0, ge=0, le=3600)
+    export_max_run_seconds: float = Field(default=900.0, gt=0)
     # Never-tried events older than this, with no run waiting, get a run again.
     sensor_sweep_after_seconds: float = Field(default=300.0, gt=0)
     # Failed events are retried by the sweep: first after the backoff, doubling up to

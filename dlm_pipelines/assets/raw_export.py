@@ -1,7 +1,6 @@
 """The `raw_export` asset: one partition (UTC day × system) of verified tars in S3."""
 
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 from dagster import (
@@ -15,6 +14,7 @@ from dagster import (
     MetadataValue,
     MultiPartitionsDefinition,
     RetryPolicy,
+    RunsFilter,
     TableColumn,
     TableRecord,
     TableSchema,
@@ -23,8 +23,13 @@ from dagster import (
 from pydantic import Field
 
 from dlm_pipelines.catalog import Catalog, EventRecord, EventStatus
-from dlm_pipelines.dagster_runs import run_is_alive
-from dlm_pipelines.exporter import Exporter, ExportOutcome, Progress
+from dlm_pipelines.dagster_runs import (
+    ACCEPTING_TAG,
+    WAITING_RUN_STATUSES,
+    run_is_alive,
+    stop_accepting,
+)
+from dlm_pipelines.exporter import Exporter, ExportOutcome, Linger, Progress, export_partition
 from dlm_pipelines.resources import DataRoot, ObjectStore, RedisStreams
 from dlm_pipelines.settings import Settings
 
@@ -74,6 +79,41 @@ def select_events(
     if not config.force:
         records = [r for r in records if r.status != EventStatus.VERIFIED or r.announced_at is None]
     return records, []
+
+
+def _lingers(context: AssetExecutionContext, settings: Settings) -> bool:
+    """Only a run the sensor started warm, on its first attempt (not a step retry)."""
+    return (
+        settings.export_linger_seconds > 0
+        and context.run.tags.get(ACCEPTING_TAG) == "true"
+        and context.retry_number == 0
+    )
+
+
+def _linger(context: AssetExecutionContext, settings: Settings) -> Linger:
+    instance, run = context.instance, context.run
+    system = run.tags.get("dagster/partition/system")
+
+    def others_waiting() -> bool:
+        """Another export run of this system queues behind us (concurrency limit 1)."""
+        waiting = instance.get_run_records(
+            filters=RunsFilter(
+                statuses=WAITING_RUN_STATUSES, tags={"dagster/partition/system": str(system)}
+            ),
+            limit=1,
+        )
+        return bool(waiting)
+
+    def stop() -> None:
+        stop_accepting(instance, run.run_id)
+        context.log.info("no longer taking new events of the partition")
+
+    return Linger(
+        idle_seconds=settings.export_linger_seconds,
+        max_seconds=settings.export_max_run_seconds,
+        stop_accepting=stop,
+        others_waiting=others_waiting,
+    )
 
 
 def _summary(outcomes: list[ExportOutcome], seconds: float) -> dict[str, Any]:
@@ -138,6 +178,9 @@ def build_raw_export(
     ) -> MaterializeResult:
         partition_key = context.partition_key
         run_id = context.run_id
+        if context.retry_number > 0 and context.run.tags.get(ACCEPTING_TAG) == "true":
+            # An earlier attempt failed while it accepted: new events need their own run.
+            stop_accepting(context.instance, run_id)
         records, unknown = select_events(catalog, partition_key, config, run_id)
         context.log.info(
             f"{len(records)} event(s) to consider in {partition_key} "
@@ -150,16 +193,24 @@ def build_raw_export(
             data_root=data_root,
             run_id=run_id,
             run_is_alive=lambda other: run_is_alive(context.instance, other),
-            progress=(progress := Progress(len(records))),
+            progress=(progress := Progress()),
         )
         started = time.monotonic()
-        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="export") as pool:
-            futures = [pool.submit(exporter.export, r, force=config.force) for r in records]
+        outcomes = export_partition(
+            exporter,
+            partition_key,
+            records,
+            force=config.force,
+            concurrency=concurrency,
+            heartbeat_seconds=heartbeat_seconds,
             # The log doubles as a heartbeat: the sensor fails export runs that stay
             # silent too long (a run worker that died with its machine or daemon).
-            while wait(futures, timeout=heartbeat_seconds).not_done:
-                context.log.info(f"heartbeat: {progress.describe()}")
-            outcomes = [f.result() for f in futures]
+            on_heartbeat=lambda accepting: context.log.info(
+                f"heartbeat: {progress.describe()}"
+                + ("; taking new events of the partition" if accepting else "")
+            ),
+            linger=_linger(context, settings) if _lingers(context, settings) else None,
+        )
         seconds = time.monotonic() - started
 
         for o in outcomes:

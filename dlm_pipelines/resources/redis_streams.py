@@ -65,6 +65,15 @@ class RedisStreams(ConfigurableResource):
         deleted = info.get("max-deleted-entry-id")
         return deleted.decode() if isinstance(deleted, bytes) else deleted
 
+    def wait_for_imaging_events(self, after: str, seconds: float) -> bool:
+        """Block until an entry with an id greater than `after` exists, at most `seconds`."""
+        if seconds <= 0:
+            return False
+        found = _bytes_client(self.url).xread(
+            {self.imaging_event_stream: after}, count=1, block=max(1, int(seconds * 1000))
+        )
+        return bool(found)
+
     def first_imaging_event_id(self) -> str | None:
         """The oldest id still in the stream (None when empty)."""
         first = self.client.xrange(self.imaging_event_stream, count=1)

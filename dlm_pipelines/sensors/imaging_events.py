@@ -27,10 +27,10 @@ from dagster import (
 from dlm_pipelines import alerts
 from dlm_pipelines.catalog import Catalog, EventStatus, utcnow
 from dlm_pipelines.dagster_runs import (
+    ACCEPTING_TAG,
     RUNNING_STATUSES,
-    WAITING_RUN_STATUSES,
     alive_runs,
-    partition_has_run,
+    partition_will_take_new_events,
     run_is_alive,
 )
 from dlm_pipelines.events import TimeWindow
@@ -58,6 +58,7 @@ def build_imaging_event_sensor(
     )
     sweep_after = timedelta(seconds=settings.sensor_sweep_after_seconds)
     stale_after = timedelta(seconds=settings.export_stale_after_seconds)
+    linger = settings.export_linger_seconds > 0
 
     @sensor(
         name="imaging_event_sensor",
@@ -78,6 +79,8 @@ def build_imaging_event_sensor(
         now = utcnow()
         observations = _trim_alarm(context, streams, cursor)
         entries = streams.read_imaging_events(cursor, settings.sensor_batch_size)
+        if not entries and streams.wait_for_imaging_events(cursor, settings.sensor_wait_seconds):
+            entries = streams.read_imaging_events(cursor, settings.sensor_batch_size)
         window = TimeWindow.around(settings.partition_start_date, now, settings.event_max_future)
         intake = Intake(catalog=catalog, streams=streams, systems=systems).take(entries, window)
         for stream_id, reason in intake.reasons:
@@ -129,17 +132,22 @@ def build_imaging_event_sensor(
         for partition_key, items in batches.items():
             if not partitions_def.has_partition_key(partition_key):
                 continue  # a day that has not begun yet; the sweep picks it up later
-            if partition_has_run(context.instance, partition_key, WAITING_RUN_STATUSES):
-                continue  # the queued run takes every pending event when it starts
-            # A busy partition gets a request every tick: its due retries ride along.
+            # A busy partition gets a request every tick: its due retries ride along
+            # (a warm run takes only never-tried events; the request makes it yield).
             due = recovery.due.get(partition_key, [])
+            if partition_will_take_new_events(context.instance, partition_key) and not due:
+                continue  # a queued run, or a warm one, takes every pending event
             ref_ids = list(dict.fromkeys([*(ref_id for ref_id, _ in items), *due]))
             run_requests.append(
                 RunRequest(
                     partition_key=partition_key,
                     run_key=f"{partition_key}@{items[0][1]}..{items[-1][1]}",
                     run_config={"ops": {"raw_export": {"config": {"ref_ids": ref_ids}}}},
-                    tags={"dlm/system": system_of(partition_key), "dlm/trigger": "sensor"},
+                    tags={
+                        "dlm/system": system_of(partition_key),
+                        "dlm/trigger": "sensor",
+                        **({ACCEPTING_TAG: "true"} if linger else {}),
+                    },
                 )
             )
 
@@ -158,7 +166,7 @@ def build_imaging_event_sensor(
         for partition_key in dict.fromkeys(orphaned):
             if partition_key in requested or not partitions_def.has_partition_key(partition_key):
                 continue
-            if partition_has_run(context.instance, partition_key, WAITING_RUN_STATUSES):
+            if partition_will_take_new_events(context.instance, partition_key):
                 continue
             requested.add(partition_key)
             retry = recovery.due.get(partition_key, [])

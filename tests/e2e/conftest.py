@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
@@ -41,6 +41,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, rabbitmq_url: str) -> Iterat
             archive_queue=f"dlm-e2e-{uuid.uuid4().hex[:8]}",
             archive_dead_letter_queue=f"dlm-e2e-dead-{uuid.uuid4().hex[:8]}",
             sensor_interval_seconds=1,
+            # A month of partitions: empty_partition_sensor closes them in its first tick.
+            partition_start_date=date.today() - timedelta(days=30),
+            export_linger_seconds=3,  # warm runs, short enough for the tests to see them end
             export_retry_delay_seconds=0.5,
             # short liveness limits, so the daemon-kill test need not wait minutes
             export_heartbeat_seconds=2,

@@ -86,6 +86,10 @@ def make_settings(catalog, object_store, streams, data_root, **overrides):
         "partition_start_date": "2026-01-01",
         "export_part_size_mib": 5,
         "export_retry_delay_seconds": 0.2,
+        # A tick returns at once and a run ends when its work is done, unless a test
+        # asks for the waiting sensor or the warm run.
+        "sensor_wait_seconds": 0,
+        "export_linger_seconds": 0,
         **overrides,
     }
     return Settings(**values)

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from dagster import AssetObservation, DagsterRunStatus
 
 from dlm_pipelines.catalog import EVENTS, Catalog, EventRecord, EventStatus
+from dlm_pipelines.dagster_runs import ACCEPTING_TAG
 from dlm_pipelines.definitions import build_definitions
 from dlm_pipelines.resources import ObjectStore
 from tests.integration.helpers import (
@@ -389,6 +390,70 @@ def test_a_queued_run_absorbs_new_events(dlm, dagster_instance, streams, catalog
     )
     assert outcome.success
     assert catalog.get(second["ref_id"]).status == EventStatus.VERIFIED
+
+
+def test_a_warm_run_takes_new_events_until_it_idles(
+    catalog, object_store, streams, data_root, dagster_instance, root
+) -> None:
+    """The sensor's run lingers: an event recorded while it runs is exported by it, and
+    no other run is requested; once it has idled and stopped taking events, a new
+    event gets a run of its own."""
+    settings = make_settings(catalog, object_store, streams, data_root, export_linger_seconds=3)
+    dlm = build_definitions(settings)
+    first = make_event(root)
+    publish(streams, first)
+    tick = run_sensor(dlm, dagster_instance)
+    (request,) = tick.run_requests
+    assert request.tags[ACCEPTING_TAG] == "true"
+    outcome: dict[str, object] = {}
+    runner = threading.Thread(
+        target=lambda: outcome.update(
+            result=materialize_partition(
+                dlm, dagster_instance, request.partition_key, request.run_config, request.tags
+            )
+        )
+    )
+    runner.start()
+    deadline = time.monotonic() + 60
+    while catalog.get(first["ref_id"]).status != EventStatus.VERIFIED:
+        assert time.monotonic() < deadline and runner.is_alive()
+        time.sleep(0.1)
+    second = make_event(root)
+    publish(streams, second)
+    later = run_sensor(dlm, dagster_instance, cursor=tick.cursor)
+    assert later.run_requests == []  # the warm run takes it
+    runner.join(timeout=60)
+    assert not runner.is_alive()
+    result = outcome["result"]
+    assert result.success  # type: ignore[attr-defined]
+    run = dagster_instance.get_run_by_id(result.run_id)  # type: ignore[attr-defined]
+    assert run.tags[ACCEPTING_TAG] == "false"
+    assert catalog.get(second["ref_id"]).run_id == run.run_id
+    assert catalog.get(second["ref_id"]).status == EventStatus.VERIFIED
+    exported = result.asset_materializations_for_node("raw_export")[0].metadata  # type: ignore[attr-defined]
+    assert exported["events"].value == 2
+
+    third = make_event(root)
+    publish(streams, third)
+    last = run_sensor(dlm, dagster_instance, cursor=later.cursor)
+    assert [r.partition_key for r in last.run_requests] == [request.partition_key]
+
+
+def test_an_idle_tick_waits_for_the_next_entry(
+    catalog, object_store, streams, data_root, dagster_instance, root
+) -> None:
+    """A tick that finds nothing waits on the stream and returns with an entry that
+    arrives meanwhile, instead of leaving it to the daemon's next round of ticks."""
+    settings = make_settings(catalog, object_store, streams, data_root, sensor_wait_seconds=5)
+    dlm = build_definitions(settings)
+    timer = threading.Timer(1.0, publish, args=(streams, make_event(root)))
+    timer.start()
+    started = time.monotonic()
+    result = run_sensor(dlm, dagster_instance)
+    waited = time.monotonic() - started
+    timer.join()
+    assert 0.9 < waited < 4.5
+    assert len(result.run_requests) == 1
 
 
 def test_trimmed_stream_raises_an_alarm(dlm, dagster_instance, streams, root) -> None:
