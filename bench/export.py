@@ -153,7 +153,12 @@ def generate(folder: Path, total_bytes: int, files: int, *, seed: int) -> None:
 
 
 def bench_metadata(ref_id: str) -> dict[str, Any]:
-    return {"ref_id": ref_id, "schema_version": "1a1", "metadata": {"bench": True}}
+    return {
+        "ref_id": ref_id,
+        "timestamp": "2026-01-01T00:00:00+00:00",
+        "schema_version": "1a1",
+        "metadata": {"bench": True},
+    }
 
 
 def run_shape(store: Any, shape: Shape, scratch: Path, reps: int, server_pid: int) -> Timings:

@@ -210,3 +210,33 @@ class ReconciliationReport(BaseModel):
     closed: int = Field(description="Findings of earlier reports that this one no longer saw.")
     count: int = Field(description="Findings matching the filters (all pages).")
     findings: list[FindingItem]
+
+
+# --- the manifest: what an event's tar holds, file by file ----------------------------------
+
+
+class ManifestFile(BaseModel):
+    path: str = Field(description="Relative to the tar's root (where it is extracted).")
+    size: int
+    sha256: str | None
+    mtime_ns: int = Field(description="The file's mtime when it was exported, nanoseconds.")
+
+
+class ManifestTar(BaseModel):
+    key: str = Field(description="Bucket-prefixed object key.")
+    size: int | None
+    sha256: str | None
+    etag: str | None = Field(description="The object store's ETag of the tar.")
+
+
+class EventManifestResponse(BaseModel):
+    ref_id: str
+    tar: ManifestTar
+    files: list[ManifestFile]
+    verified_at: AwareDatetime | None
+    archive_path: str | None
+    purged_at: AwareDatetime | None
+    source: str = Field(
+        description="`export`: recorded from disk while the tar was made; `backfill`: read "
+        "back from the tar (mtimes in whole seconds)."
+    )

@@ -10,12 +10,13 @@ import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
-from dlm_pipelines.catalog import ARCHIVES, EVENTS, FINDINGS, MEMBERS, REPORTS
+from dlm_pipelines.catalog import ARCHIVES, EVENTS, FINDINGS, MANIFESTS, MEMBERS, REPORTS
 
 __all__ = [
     "ARCHIVES",
     "EVENTS",
     "FINDINGS",
+    "MANIFESTS",
     "MEMBERS",
     "REPORTS",
     "count_and_page",

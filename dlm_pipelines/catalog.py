@@ -25,6 +25,7 @@ from sqlmodel import Column, Field, Session, SQLModel, col, select
 
 from dlm_pipelines.archive_locations import ArchiveFile, ArchiveMessage
 from dlm_pipelines.events import ImagingEvent
+from dlm_pipelines.manifest import Manifest
 
 
 def utcnow() -> datetime:
@@ -127,6 +128,7 @@ class EventRecord(SQLModel, table=True):
     key_collision: bool = False  # object_key is the collision-free variant
     size: int | None = Field(default=None, sa_column=Column(sa.BigInteger))
     sha256: str | None = Field(default=None, max_length=64)
+    etag: str | None = Field(default=None, max_length=128)  # the store's, as verified
     uploaded_at: datetime | None = _dt()
     verified_at: datetime | None = _dt(index=True)
     announced_at: datetime | None = _dt()
@@ -140,10 +142,34 @@ class EventRecord(SQLModel, table=True):
     # the local copy
     purged_at: datetime | None = _dt(index=True)
     bytes_freed: int | None = Field(default=None, sa_column=Column(sa.BigInteger))
+    # where the purge renamed the local copy to; cleared once it is removed
+    trash_path: str | None = Field(default=None, max_length=1024)
 
     # the tape archive (denormalised from archive_member for the lifecycle view)
     archive_path: str | None = Field(default=None, max_length=1024)
     archived_at: datetime | None = _dt()
+
+
+class EventManifest(SQLModel, table=True):
+    """What the event's tar holds, member by member (dlm_pipelines.manifest)."""
+
+    __tablename__ = "event_manifest"
+
+    ref_id: str = Field(
+        sa_column=Column(
+            sa.String(36),
+            sa.ForeignKey("imaging_event.ref_id", ondelete="CASCADE"),
+            primary_key=True,
+        )
+    )
+    tar_sha256: str = Field(max_length=64)  # the tar it describes
+    mtime_resolution_ns: int = Field(sa_column=Column(sa.BigInteger, nullable=False))
+    source: str = Field(max_length=16)  # "export" (read from disk) or "backfill" (from the tar)
+    members: list[dict[str, Any]] = Field(sa_column=Column(sa.JSON, nullable=False))
+    recorded_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+    def manifest(self) -> Manifest:
+        return Manifest.from_json(self.members, self.mtime_resolution_ns)
 
 
 class ArchiveJob(SQLModel, table=True):
@@ -237,6 +263,7 @@ ARCHIVES: sa.Table = SQLModel.metadata.tables[Archive.__tablename__]
 MEMBERS: sa.Table = SQLModel.metadata.tables[ArchiveMember.__tablename__]
 REPORTS: sa.Table = SQLModel.metadata.tables[ReconcileReport.__tablename__]
 FINDINGS: sa.Table = SQLModel.metadata.tables[ReconcileFinding.__tablename__]
+MANIFESTS: sa.Table = SQLModel.metadata.tables[EventManifest.__tablename__]
 
 
 def _rows(name: str, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> Any:
@@ -510,21 +537,117 @@ class Catalog(ConfigurableResource):
         except sa.exc.IntegrityError:
             return False
 
-    def mark_verified(self, ref_id: str, run_id: str, *, size: int, sha256: str) -> datetime | None:
-        """Record a verified upload; returns its time, or None if `run_id` lost the claim."""
+    def mark_verified(
+        self,
+        ref_id: str,
+        run_id: str,
+        *,
+        size: int,
+        sha256: str,
+        etag: str | None = None,
+        manifest: Manifest | None = None,
+    ) -> datetime | None:
+        """Record a verified upload (with its ETag and manifest, in one transaction);
+        returns its time, or None if `run_id` lost the claim."""
         now = utcnow()
-        done = self._update(
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                sa.update(EVENTS)
+                .where(
+                    EVENTS.c.ref_id == ref_id,
+                    EVENTS.c.run_id == run_id,
+                    EVENTS.c.status == EventStatus.EXPORTING.value,
+                )
+                .values(
+                    status=EventStatus.VERIFIED.value,
+                    size=size,
+                    sha256=sha256,
+                    etag=etag,
+                    uploaded_at=now,
+                    verified_at=now,
+                    announced_at=None,
+                    last_error=None,
+                )
+            ).rowcount
+            if done and manifest is not None:
+                self._store_manifest(conn, ref_id, sha256, manifest, "export", replace=True)
+        return now if done else None
+
+    def release(self, ref_id: str, run_id: str, previous_status: str) -> None:
+        """Give back a claim without an export (a refused or needless re-export)."""
+        self._update(
             ref_id,
             sa.and_(EVENTS.c.run_id == run_id, EVENTS.c.status == EventStatus.EXPORTING.value),
-            status=EventStatus.VERIFIED.value,
-            size=size,
-            sha256=sha256,
-            uploaded_at=now,
-            verified_at=now,
-            announced_at=None,
-            last_error=None,
+            status=previous_status,
         )
-        return now if done else None
+
+    # --- manifests -----------------------------------------------------------------------
+
+    def _store_manifest(
+        self,
+        conn: sa.Connection,
+        ref_id: str,
+        tar_sha256: str,
+        manifest: Manifest,
+        source: str,
+        *,
+        replace: bool,
+    ) -> bool:
+        row = {
+            "ref_id": ref_id,
+            "tar_sha256": tar_sha256,
+            "mtime_resolution_ns": manifest.mtime_resolution_ns,
+            "source": source,
+            "members": manifest.as_json(),
+            "recorded_at": utcnow(),
+        }
+        insert = self._insert(MANIFESTS).values(**row)
+        if replace:
+            statement = insert.on_conflict_do_update(
+                index_elements=["ref_id"], set_={k: v for k, v in row.items() if k != "ref_id"}
+            )
+        else:
+            statement = insert.on_conflict_do_nothing(index_elements=["ref_id"])
+        return bool(conn.execute(statement).rowcount)
+
+    def manifest(self, ref_id: str) -> EventManifest | None:
+        with self.session() as session:
+            return session.get(EventManifest, ref_id)
+
+    def without_manifest(self, limit: int) -> list[EventRecord]:
+        """Verified exports that have no manifest yet (exported before manifests)."""
+        with self.session() as session:
+            query = (
+                select(EventRecord)
+                .where(col(EventRecord.verified_at).is_not(None))
+                .where(col(EventRecord.object_key).is_not(None))
+                .where(~sa.exists().where(MANIFESTS.c.ref_id == col(EventRecord.ref_id)))
+                .order_by(col(EventRecord.ref_id))
+                .limit(limit)
+            )
+            return list(session.exec(query))
+
+    def record_backfilled_manifest(
+        self, ref_id: str, *, tar_sha256: str, etag: str, manifest: Manifest
+    ) -> bool:
+        """Store a manifest read back from the object, if the event still has that tar
+        and no manifest; also records the object's ETag where none was."""
+        with self.engine.begin() as conn:
+            current = conn.execute(
+                sa.select(EVENTS.c.sha256, EVENTS.c.etag).where(EVENTS.c.ref_id == ref_id)
+            ).first()
+            if current is None or current.sha256 != tar_sha256:
+                return False
+            stored = self._store_manifest(
+                conn, ref_id, tar_sha256, manifest, "backfill", replace=False
+            )
+            if stored and current.etag is None:
+                conn.execute(
+                    sa.update(EVENTS)
+                    .where(EVENTS.c.ref_id == ref_id, EVENTS.c.sha256 == tar_sha256)
+                    .values(etag=etag)
+                )
+        return stored
 
     def mark_announced(self, ref_id: str) -> None:
         self._update(ref_id, sa.true(), announced_at=utcnow())
@@ -682,22 +805,26 @@ class Catalog(ConfigurableResource):
         self,
         run_id: str,
         *,
-        purged: Sequence[tuple[EventRecord, int]] = (),
+        purged: Sequence[tuple[EventRecord, int, str | None]] = (),
         released: Sequence[EventRecord] = (),
+        kept: Sequence[tuple[EventRecord, str]] = (),
         alarms: Sequence[tuple[EventRecord, str]] = (),
     ) -> None:
-        """End the holds of `run_id` in one statement: purged (with the bytes freed),
-        given back untouched, or marked as needing attention (the store did not match).
+        """End the holds of `run_id` in one statement: purged (with the bytes freed and
+        the trash path the copy was renamed to), given back untouched, kept with the
+        reason (the local tree differs from the manifest: shown in the lifecycle), or
+        marked as needing attention (the store did not match).
 
         The export's run_id comes back: run_id names the run that made the object.
         """
         verified, attention = EventStatus.VERIFIED.value, EventStatus.NEEDS_ATTENTION.value
         ends = _rows(
             "ends",
-            ("ref_id", "status", "maker", "freed", "error"),
-            [(r.ref_id, verified, r.run_id, n, None) for r, n in purged]
-            + [(r.ref_id, verified, r.run_id, None, None) for r in released]
-            + [(r.ref_id, attention, r.run_id, None, why[:4000]) for r, why in alarms],
+            ("ref_id", "status", "maker", "freed", "trash", "error"),
+            [(r.ref_id, verified, r.run_id, n, trash, None) for r, n, trash in purged]
+            + [(r.ref_id, verified, r.run_id, None, None, None) for r in released]
+            + [(r.ref_id, verified, r.run_id, None, None, why[:4000]) for r, why in kept]
+            + [(r.ref_id, attention, r.run_id, None, None, why[:4000]) for r, why in alarms],
         )
         if ends is None:
             return
@@ -717,11 +844,52 @@ class Catalog(ConfigurableResource):
                     else_=EVENTS.c.purged_at,
                 ),
                 bytes_freed=sa.func.coalesce(freed, EVENTS.c.bytes_freed),
+                trash_path=sa.func.coalesce(ends.c.trash, EVENTS.c.trash_path),
                 last_error=sa.func.coalesce(ends.c.error, EVENTS.c.last_error),
             )
         )
         with self.engine.begin() as conn:
             conn.execute(statement)
+
+    def manifests(self, ref_ids: Sequence[str]) -> dict[str, Manifest]:
+        """The recorded manifests of these events (one query)."""
+        if not ref_ids:
+            return {}
+        with self.session() as session:
+            rows = session.exec(
+                select(EventManifest).where(col(EventManifest.ref_id).in_(list(ref_ids)))
+            )
+            return {row.ref_id: row.manifest() for row in rows}
+
+    def local_paths(self, system: str) -> list[str]:
+        """The local_path of every event of `system` whose copy is not purged, sorted."""
+        with self.session() as session:
+            query = (
+                select(EventRecord.local_path)
+                .where(EventRecord.system == system)
+                .where(col(EventRecord.purged_at).is_(None))
+            )
+            return sorted(session.exec(query))
+
+    def record_trashed(self, ref_id: str, trash_path: str, bytes_freed: int) -> bool:
+        """A copy found in the trash that no run recorded (killed between its rename and
+        the record): the rename came only after the proof, so it is purged."""
+        return self._update(
+            ref_id,
+            EVENTS.c.purged_at.is_(None),
+            status=EventStatus.VERIFIED.value,
+            purged_at=utcnow(),
+            bytes_freed=bytes_freed,
+            trash_path=trash_path,
+        )
+
+    def trash_emptied(self, ref_ids: Sequence[str]) -> None:
+        if not ref_ids:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(EVENTS).where(EVENTS.c.ref_id.in_(list(ref_ids))).values(trash_path=None)
+            )
 
     # --- archive locations ---------------------------------------------------------------
 
@@ -1188,6 +1356,7 @@ RECONCILE_COLUMNS = tuple(
         "object_key",
         "size",
         "sha256",
+        "etag",
         "uploaded_at",
         "verified_at",
         "purged_at",

@@ -35,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     deployment.add_arguments(setup)
     setup.set_defaults(handler=deployment.run)
+    from dlm_pipelines import manifest_backfill
+
+    backfill = sub.add_parser(
+        "backfill-manifests", help="record manifests of exports made before them (one-off)"
+    )
+    manifest_backfill.add_arguments(backfill)
+    backfill.set_defaults(handler=manifest_backfill.run)
     from dlm_pipelines import health
 
     status = sub.add_parser(

@@ -451,6 +451,9 @@ def original_fields(letter: Iterable[tuple[str, str]]) -> list[tuple[bytes, byte
     return out
 
 
+TRASH_FOLDER = ".dlm-trash"  # in each system folder; the purge's own (dlm_pipelines.purger)
+
+
 def resolve_source(data_root: Path, system: str, local_path: str) -> Path:
     """The event's source on disk, guaranteed to stay inside `<data root>/<system>/`.
 
@@ -458,6 +461,8 @@ def resolve_source(data_root: Path, system: str, local_path: str) -> Path:
     `FileNotFoundError` if it does not exist.
     """
     validate_local_path(local_path)
+    if PurePosixPath(local_path).parts[0] == TRASH_FOLDER:
+        raise InvalidEvent(f"local_path: {local_path!r} is inside the purge's trash")
     system_root = (data_root / system).resolve()
     candidate = system_root / local_path
     resolved = candidate.resolve()
@@ -465,6 +470,13 @@ def resolve_source(data_root: Path, system: str, local_path: str) -> Path:
         raise InvalidEvent(
             f"local_path: {local_path!r} resolves to {resolved}, outside {system_root}"
         )
+    # No symlink at any level under the system folder: through a linked folder, one
+    # event's export or purge would reach another event's data (docs/design.md).
+    step = system_root
+    for part in PurePosixPath(local_path).parts:
+        step = step / part
+        if step.is_symlink():
+            raise InvalidEvent(f"local_path: {local_path!r} crosses a symlink at {step}")
     if not resolved.exists():
         raise FileNotFoundError(f"source {candidate} does not exist")
     return resolved

@@ -12,9 +12,11 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from pathlib import Path
 
 from dlm_pipelines.catalog import Catalog, EventRecord, EventStatus
 from dlm_pipelines.events import EventMetadata, EventType, ImagingEvent, InvalidEvent
+from dlm_pipelines.manifest import Manifest, compare, scan
 from dlm_pipelines.resources import DataRoot, ObjectStore, RedisStreams
 
 
@@ -114,7 +116,21 @@ class Exporter:
         try:
             event = event_from_record(record)
             source = self.data_root.source(event.system, event.local_path)
+            recorded = self.catalog.manifest(ref_id)
+            if recorded is not None:
+                # It was exported once: the object may only get better (docs/design.md).
+                unchanged = self._unchanged(record, source, recorded.manifest())
+                refusal = None if unchanged else self._refusal(record, source, recorded.manifest())
+                if unchanged or refusal:
+                    self.catalog.release(ref_id, self.run_id, record.status)
+                if unchanged:
+                    return ExportOutcome(ref_id, key=record.object_key, skipped=unchanged)
+                if refusal:
+                    return ExportOutcome(
+                        ref_id, key=record.object_key, error=refusal, permanent=True
+                    )
             key = self._choose_key(record, event)
+            condition = self._write_condition(key, ref_id)
             if record.attempts:  # only an earlier attempt can have left parts behind
                 self.store.abort_incomplete_uploads(key)
             result = self.store.upload_tar(
@@ -122,11 +138,19 @@ class Exporter:
                 metadata=event.tar_metadata(),
                 key=key,
                 ref_id=ref_id,
+                condition=condition,
                 on_progress=self.progress.sent if self.progress else None,
             )
-            self.store.verify_object(key, size=result.size, sha256=result.sha256, ref_id=ref_id)
+            etag = self.store.verify_object(
+                key, size=result.size, sha256=result.sha256, ref_id=ref_id
+            )
             uploaded_at = self.catalog.mark_verified(
-                ref_id, self.run_id, size=result.size, sha256=result.sha256
+                ref_id,
+                self.run_id,
+                size=result.size,
+                sha256=result.sha256,
+                etag=etag,
+                manifest=result.manifest,
             )
         except InvalidEvent as exc:
             return self._failed(ref_id, f"unsafe source: {exc}", permanent=True)
@@ -145,6 +169,48 @@ class Exporter:
             sha256=result.sha256,
             seconds=result.seconds,
         )
+
+    def _unchanged(self, record: EventRecord, source: Path, manifest: Manifest) -> str | None:
+        """Why no upload is needed: a verified object of exactly this tree (the tar is
+        deterministic, so it would be the same bytes). None if one is."""
+        if record.status != EventStatus.VERIFIED or compare(manifest, scan(source)):
+            return None
+        assert record.object_key and record.size is not None and record.sha256
+        try:
+            self.store.verify_object(
+                record.object_key,
+                size=record.size,
+                sha256=record.sha256,
+                ref_id=record.ref_id,
+                etag=record.etag,
+            )
+        except Exception:  # the object is not what was recorded: repair it
+            return None
+        return "unchanged since export: the object already holds exactly this tree"
+
+    def _refusal(self, record: EventRecord, source: Path, manifest: Manifest) -> str | None:
+        """Why the object must not be replaced by a tar of `source`; None if it may."""
+        if record.archive_path:
+            return f"not replaced: the object is on tape ({record.archive_path})"
+        if record.object_key and self.store.is_archived(record.object_key):
+            return "not replaced: the object is tagged archived=true (on tape)"
+        difference = compare(manifest, scan(source), allow_added=True)
+        if difference:
+            return (
+                "not replaced: the local tree lacks or changed what the exported tar holds: "
+                + difference.describe()
+            )
+        return None
+
+    def _write_condition(self, key: str, ref_id: str) -> dict[str, str]:
+        """Create the key only if it is free, or replace only the object seen now (ours)."""
+        head = self.store.head(key)
+        if head is None:
+            return {"IfNoneMatch": "*"}
+        owner = self.store.ref_id_of(head)
+        if owner is not None and owner != ref_id:
+            raise RuntimeError(f"{key} holds event {owner}'s object")
+        return {"IfMatch": str(head["ETag"])}
 
     def _failed(self, ref_id: str, error: str, permanent: bool = False) -> ExportOutcome:
         self.catalog.mark_failed(ref_id, self.run_id, error)

@@ -52,6 +52,7 @@ class Why(StrEnum):
 
     LIFESPAN = "lifespan passed"
     DISK_PRESSURE = "disk pressure"
+    TRASH = "left in the trash by an earlier run"  # moved after its proof, not recorded
 
 
 # Skip reasons decided here; purger.py adds those that need the disk or S3.

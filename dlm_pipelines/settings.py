@@ -173,6 +173,8 @@ class Settings(BaseSettings):
     # are purged oldest first before their lifespan. 0 turns this off.
     purge_min_free: float = Field(default=10.0, ge=0, le=100)
     purge_concurrency: int = Field(default=16, ge=1, le=64)  # HEAD checks at once
+    # Also re-hash every file against the manifest before deleting (reads all the data).
+    purge_verify_content: bool = False
 
     # --- reconciliation (jobs/reconcile.py), in DLM_PURGE_TIMEZONE --------------------------
     reconcile_cron: str = "0 3 * * *"

@@ -27,8 +27,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from dlm_pipelines.manifest import Manifest, ManifestRecorder
 
 TAR_COPY_BUFSIZE = 1 << 20  # read source files in 1 MiB chunks
 MAX_PARTS_S3 = 10_000
@@ -40,6 +43,8 @@ class UploadResult:
     size: int
     sha256: str
     seconds: float
+    etag: str  # as the completing request returned it
+    manifest: Manifest
     # the sha256 is already in the object's metadata (a one-request upload)
     sha256_in_metadata: bool = False
 
@@ -121,10 +126,14 @@ class _MultipartWriter:
                 self._send_part()
 
     # the upload
-    def complete(self) -> None:
+    def complete(self, condition: dict[str, str] | None = None) -> str:
+        """Send the last part and complete the upload; returns the object's ETag.
+
+        `condition`: `IfNoneMatch`/`IfMatch` for the completing request, so the object
+        appears only if the key is (still) what the caller expects.
+        """
         if not self._parts and self._sha256_metadata_key is not None:
-            self._put_whole()
-            return
+            return self._put_whole(condition)
         if self._filled or not self._parts:
             self._send_part(last=True)
         wait(self._parts)
@@ -132,11 +141,15 @@ class _MultipartWriter:
         self._hasher.shutdown()  # every update has run: the sha256 is final
         self._senders.shutdown()
         parts = [part.result() for part in self._parts]
-        self._client.complete_multipart_upload(
-            **self._target, UploadId=self._upload_id, MultipartUpload={"Parts": parts}
+        response = self._client.complete_multipart_upload(
+            **self._target,
+            UploadId=self._upload_id,
+            MultipartUpload={"Parts": parts},
+            **(condition or {}),
         )
+        return str(response["ETag"])
 
-    def _put_whole(self) -> None:
+    def _put_whole(self, condition: dict[str, str] | None) -> str:
         """The whole tar is in the first buffer: one PutObject with its sha256."""
         assert self._sha256_metadata_key is not None
         self._hasher.shutdown()
@@ -144,16 +157,18 @@ class _MultipartWriter:
         body = bytes(self._view[: self._filled])
         self.sha256.update(body)
         digest = self.sha256.digest()
-        self._client.put_object(
+        response = self._client.put_object(
             **self._target,
             Body=body,
             Metadata={**self._object_metadata, self._sha256_metadata_key: digest.hex()},
             ContentType="application/x-tar",
             ChecksumSHA256=base64.b64encode(digest).decode(),  # the server verifies it
+            **(condition or {}),
         )
         self.single_put = True
         if self._on_progress is not None:
             self._on_progress(len(body))
+        return str(response["ETag"])
 
     def abort(self, failure: BaseException) -> None:
         """Stop, let parts in flight finish, then abort: no part outlives the upload."""
@@ -257,7 +272,9 @@ def part_size_for(estimated_size: int, minimum: int) -> int:
 class _TarFile(tarfile.TarFile):
     """`TarFile` with whole-second mtimes; into a `_MultipartWriter`, member data goes
     straight from the source file into the part buffers (no 1 MiB copies in between),
-    and no member list is kept (memory stays flat for huge folders).
+    and no member list is kept (memory stays flat for huge folders). With a
+    `recorder`, each member's stat and the sha256 of its bytes (hashed as they are
+    read for the tar, no second read) go into the event's manifest.
 
     Whole seconds, as GNU tar stores them: a fractional mtime costs every member a
     PAX extended header (1 KiB, and a third of the CPU of writing a tar of small
@@ -265,15 +282,27 @@ class _TarFile(tarfile.TarFile):
     names, sizes over 8 GiB).
     """
 
+    recorder: ManifestRecorder | None = None
+
     def gettarinfo(
         self, name: Any = None, arcname: str | None = None, fileobj: Any = None
     ) -> tarfile.TarInfo:
         info = super().gettarinfo(name, arcname, fileobj)
         if info is not None:  # None: a socket or the like, which `add` skips
             info.mtime = int(info.mtime)
+            if self.recorder is not None:
+                self.recorder.stat(name, info.name)
         return info
 
     def addfile(self, tarinfo: tarfile.TarInfo, fileobj: Any = None) -> None:
+        if self.recorder is None:
+            return self._addfile(tarinfo, fileobj)
+        reader = self.recorder.reader(tarinfo, fileobj)
+        self._addfile(tarinfo, reader)
+        self.recorder.added(tarinfo, reader)
+        return None
+
+    def _addfile(self, tarinfo: tarfile.TarInfo, fileobj: Any = None) -> None:
         target = self.fileobj
         if not isinstance(target, _MultipartWriter):
             return super().addfile(tarinfo, fileobj)
@@ -290,22 +319,33 @@ class _TarFile(tarfile.TarFile):
         return None
 
 
-def write_tar(source: Path, metadata: dict[str, Any], target: Any) -> None:
-    """The tar layout of docs/contracts.md §3, written to any object with `write` and `tell`.
+def write_tar(
+    source: Path,
+    metadata: dict[str, Any],
+    target: Any,
+    recorder: ManifestRecorder | None = None,
+) -> None:
+    """The tar layout of docs/contracts.md §3, written to any object with `write` and
+    `tell`.
 
     A folder gives members `.` and `./<relative path>` (sorted, symlinks stored as
     links, never followed); a single file gives `<file name>`. `./metadata.json`
     (4-space indented JSON) is always the last member.
+
+    Deterministic (docs/design.md, "Custody"): every header comes from the files or
+    the event; metadata.json's mtime is the event's timestamp, so an unchanged tree
+    gives the same bytes and the same sha256 again.
     """
     with _TarFile(
         fileobj=target, mode="w", format=tarfile.PAX_FORMAT, copybufsize=TAR_COPY_BUFSIZE
     ) as tar:
+        tar.recorder = recorder
         arcname = source.name if source.is_file() else "."
         tar.add(source, arcname=arcname, recursive=True)
         document = json.dumps(metadata, indent=4).encode()
         info = tarfile.TarInfo("./metadata.json")
         info.size = len(document)
-        info.mtime = int(time.time())
+        info.mtime = int(datetime.fromisoformat(metadata["timestamp"]).timestamp())
         info.mode = 0o644
         tar.addfile(info, io.BytesIO(document))
 
@@ -321,13 +361,16 @@ def upload_tar(
     part_size: int,
     part_concurrency: int,
     on_progress: Callable[[int], None] | None = None,
+    condition: dict[str, str] | None = None,
     sha256_metadata_key: str | None = None,
 ) -> UploadResult:
-    """Tar `source` into `s3://bucket/key`; returns the size and sha256 of the tar.
+    """Tar `source` into `s3://bucket/key`; returns the size, sha256 and ETag of the
+    tar and the manifest of what went into it.
 
-    On any error the multipart upload is aborted, so no partial object is left
-    behind. With `sha256_metadata_key`, a tar no larger than one part goes up as one
-    PutObject carrying its sha256 under that metadata key (`sha256_in_metadata`).
+    `condition` makes the write conditional (`{"IfNoneMatch": "*"}`: only if the key
+    is free). On any error the multipart upload is aborted, so no partial object is
+    left behind. With `sha256_metadata_key`, a tar no larger than one part goes up as
+    one PutObject carrying its sha256 under that metadata key (`sha256_in_metadata`).
     """
     started = time.monotonic()
     writer = _MultipartWriter(
@@ -340,9 +383,10 @@ def upload_tar(
         on_progress=on_progress,
         sha256_metadata_key=sha256_metadata_key,
     )
+    recorder = ManifestRecorder()
     try:
-        write_tar(source, metadata, writer)
-        writer.complete()
+        write_tar(source, metadata, writer, recorder)
+        etag = writer.complete(condition)
     except BaseException as failure:
         writer.abort(failure)
         raise
@@ -350,5 +394,7 @@ def upload_tar(
         size=writer.size,
         sha256=writer.sha256.hexdigest(),
         seconds=time.monotonic() - started,
+        etag=etag,
+        manifest=recorder.manifest(),
         sha256_in_metadata=writer.single_put,
     )

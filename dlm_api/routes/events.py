@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
 from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import RedirectResponse
+from fastapi.responses import PlainTextResponse, RedirectResponse
 from sqlalchemy.engine import Engine
 
 from dlm_api.deps import CallerDep, Services, ServicesDep
@@ -16,14 +16,18 @@ from dlm_api.routes.archives import archive_url
 from dlm_api.schemas import (
     ArchiveLocation,
     EventLifecycle,
+    EventManifestResponse,
     EventPage,
     EventSearch,
     EventSummary,
     ExportInfo,
+    ManifestFile,
+    ManifestTar,
     PurgeInfo,
     RunInfo,
 )
-from dlm_api.tables import ARCHIVES, EVENTS, count_and_page
+from dlm_api.tables import ARCHIVES, EVENTS, MANIFESTS, count_and_page
+from dlm_pipelines.manifest import Manifest
 
 router = APIRouter(tags=["events"])
 audit = logging.getLogger("dlm_api.downloads")
@@ -190,3 +194,60 @@ def mint_download_url(services: Services, ref_id: str) -> tuple[str, str]:
     if row.verified_at is None or row.object_key is None or row.bucket is None:
         raise HTTPException(status_code=404, detail=f"event {ref_id} has no verified export")
     return services.presigner.one(row.bucket, row.object_key), row.ref_id
+
+
+@router.get(
+    "/events/{ref_id}/manifest",
+    response_model=EventManifestResponse,
+    responses={
+        200: {
+            "content": {"text/plain": {}},
+            "description": "JSON, or with `format=sha256sum` the files as `sha256sum -c` "
+            "input: extract the tar, then `sha256sum -c` in that folder.",
+        },
+        404: {"description": "No such event, no verified export, or no manifest yet."},
+    },
+)
+async def read_manifest(
+    ref_id: RefId,
+    services: ServicesDep,
+    format: Annotated[Literal["json", "sha256sum"], Query()] = "json",
+) -> Any:
+    """The proof of custody: every file of the event's tar with its sha256, and the
+    tar's own key, size, sha256 and ETag."""
+    response, manifest = await run_in_threadpool(event_manifest, services, ref_id)
+    if format == "sha256sum":
+        return PlainTextResponse(manifest.sha256sum())
+    return response
+
+
+def event_manifest(services: Services, ref_id: str) -> tuple[EventManifestResponse, Manifest]:
+    with services.engine.connect() as connection:
+        row = _event_row(connection, ref_id)
+        if row.verified_at is None or row.object_key is None:
+            raise HTTPException(status_code=404, detail=f"event {ref_id} has no verified export")
+        recorded = connection.execute(
+            sa.select(MANIFESTS).where(MANIFESTS.c.ref_id == row.ref_id)
+        ).first()
+    if recorded is None:
+        raise HTTPException(
+            status_code=404,
+            detail=f"event {ref_id} was exported before manifests were recorded; "
+            "`dlm backfill-manifests` reads them from the stored tars",
+        )
+    manifest = Manifest.from_json(recorded.members, recorded.mtime_resolution_ns)
+    response = EventManifestResponse(
+        ref_id=row.ref_id,
+        tar=ManifestTar(
+            key=f"{row.bucket}/{row.object_key}", size=row.size, sha256=row.sha256, etag=row.etag
+        ),
+        files=[
+            ManifestFile(path=m.path, size=m.size, sha256=m.sha256, mtime_ns=m.mtime_ns)
+            for m in manifest.files()
+        ],
+        verified_at=row.verified_at,
+        archive_path=row.archive_path,
+        purged_at=row.purged_at,
+        source=recorded.source,
+    )
+    return response, manifest

@@ -175,6 +175,7 @@ def build_purge_job(settings: Settings) -> JobDefinition:
             dry_run=config.dry_run,
             concurrency=concurrency,
             run_is_alive=lambda other: run_is_alive(context.instance, other),
+            verify_content=settings.purge_verify_content,
         )
         started = time.monotonic()
         outcomes = purger.run(utcnow(), disk_before)

@@ -22,6 +22,7 @@ from dagster_aws.s3.resources import ResourceWithS3Configuration
 
 from dlm_pipelines.tar_stream import UploadResult, upload_tar
 
+ARCHIVED_TAG = "archived"  # set to "true" by the tape archiver once the object is on tape
 SHA256_META = "sha256"
 REF_ID_META = "ref-id"
 COPY_LIMIT = 5 * 1024**3  # CopyObject's limit; larger objects need a multipart copy
@@ -88,32 +89,46 @@ class ObjectStore(ResourceWithS3Configuration):
         metadata: dict[str, Any],
         key: str,
         ref_id: str,
+        condition: dict[str, str] | None = None,
         on_progress: Callable[[int], None] | None = None,
     ) -> UploadResult:
         """Stream the tar of `source` to `key`, then record its sha256 on the object.
-        `on_progress` gets the size of each part once S3 has it."""
-        result = upload_tar(
-            self.client,
-            source=source,
-            metadata=metadata,
-            bucket=self.bucket,
-            key=key,
-            object_metadata={REF_ID_META: ref_id},
-            part_size=self.part_size_mib << 20,
-            part_concurrency=self.part_concurrency,
-            on_progress=on_progress,
-            sha256_metadata_key=SHA256_META,
-        )
+        `on_progress` gets the size of each part once S3 has it.
+
+        `condition` (`{"IfNoneMatch": "*"}` for a free key, `{"IfMatch": etag}` to
+        replace exactly that object) makes the write conditional; where the store
+        answers NotImplemented, a HEAD checks the same just before an unconditional try.
+        """
+        arguments: dict[str, Any] = {
+            "source": source,
+            "metadata": metadata,
+            "bucket": self.bucket,
+            "key": key,
+            "object_metadata": {REF_ID_META: ref_id},
+            "part_size": self.part_size_mib << 20,
+            "part_concurrency": self.part_concurrency,
+            "on_progress": on_progress,
+            "sha256_metadata_key": SHA256_META,
+        }
+        try:
+            result = upload_tar(self.client, condition=condition, **arguments)
+        except ClientError as exc:
+            if not condition or exc.response.get("Error", {}).get("Code") != "NotImplemented":
+                raise
+            self._check_by_head(key, condition)
+            result = upload_tar(self.client, **arguments)
         if result.sha256_in_metadata:  # a one-part tar: put whole, with its sha256
             return result
         # The sha256 is known only once the last byte is sent: add it to the object's
-        # metadata with an in-place copy (metadata only on SeaweedFS and AWS).
+        # metadata with an in-place copy (metadata only on SeaweedFS and AWS), only of
+        # the object this upload made (a writer in between fails the copy).
         new_metadata = {REF_ID_META: ref_id, SHA256_META: result.sha256}
         if result.size <= COPY_LIMIT:
             self.client.copy_object(
                 Bucket=self.bucket,
                 Key=key,
                 CopySource={"Bucket": self.bucket, "Key": key},
+                CopySourceIfMatch=result.etag,
                 Metadata=new_metadata,
                 MetadataDirective="REPLACE",
                 ContentType="application/x-tar",
@@ -123,12 +138,33 @@ class ObjectStore(ResourceWithS3Configuration):
                 {"Bucket": self.bucket, "Key": key},
                 self.bucket,
                 key,
-                ExtraArgs={"Metadata": new_metadata, "MetadataDirective": "REPLACE"},
+                ExtraArgs={
+                    "Metadata": new_metadata,
+                    "MetadataDirective": "REPLACE",
+                    "CopySourceIfMatch": result.etag,
+                },
             )
         return result
 
-    def verify_object(self, key: str, *, size: int, sha256: str, ref_id: str | None = None) -> None:
-        """A fresh HEAD must show exactly this size and sha256 (and ref_id, if given)."""
+    def _check_by_head(self, key: str, condition: dict[str, str]) -> None:
+        head = self.head(key)
+        if "IfNoneMatch" in condition and head is not None:
+            raise VerificationError(f"s3://{self.bucket}/{key} exists already")
+        if "IfMatch" in condition and (head is None or head["ETag"] != condition["IfMatch"]):
+            raise VerificationError(f"s3://{self.bucket}/{key} is no longer the object expected")
+
+    def verify_object(
+        self,
+        key: str,
+        *,
+        size: int,
+        sha256: str,
+        ref_id: str | None = None,
+        etag: str | None = None,
+    ) -> str:
+        """A fresh HEAD must show exactly this size and sha256 (and ref_id and the store's
+        ETag, if given); returns the ETag. Our sha256 metadata alone proves nothing: it
+        can be copied onto other bytes; the ETag is the store's own."""
         head = self.head(key)
         where = f"s3://{self.bucket}/{key}"
         if head is None:
@@ -141,8 +177,21 @@ class ObjectStore(ResourceWithS3Configuration):
             problems.append(f"sha256 {meta.get(SHA256_META)!r} != expected {sha256!r}")
         if ref_id is not None and self.ref_id_of(head) != ref_id:
             problems.append(f"ref-id {self.ref_id_of(head)!r} != expected {ref_id!r}")
+        if etag is not None and head["ETag"] != etag:
+            problems.append(f"ETag {head['ETag']} != recorded {etag}")
         if problems:
             raise VerificationError(f"{where}: " + "; ".join(problems))
+        return str(head["ETag"])
+
+    def is_archived(self, key: str) -> bool:
+        """Whether the tape archiver tagged the object `archived=true`."""
+        try:
+            tags = self.client.get_object_tagging(Bucket=self.bucket, Key=key)["TagSet"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return any(t["Key"] == ARCHIVED_TAG and t["Value"].lower() == "true" for t in tags)
 
     @staticmethod
     def ref_id_of(head: dict[str, Any]) -> str | None:

@@ -332,13 +332,14 @@ def test_upload_killed_midway_leaves_no_object_and_a_rerun_succeeds(
 def test_force_reexports_only_what_still_exists(
     dlm, dagster_instance, streams, object_store, catalog, root
 ) -> None:
-    kept, gone = make_event(root), make_event(root)
-    publish(streams, kept, gone)
+    kept, gone, same = make_event(root), make_event(root), make_event(root)
+    publish(streams, kept, gone, same)
     materialize_requests(dlm, dagster_instance, run_sensor(dlm, dagster_instance))
-    before = {e["ref_id"]: catalog.get(e["ref_id"]) for e in (kept, gone)}
+    before = {e["ref_id"]: catalog.get(e["ref_id"]) for e in (kept, gone, same)}
     for path in (root / "prince" / gone["local_path"]).iterdir():
         path.unlink()
     (root / "prince" / gone["local_path"]).rmdir()
+    (root / "prince" / kept["local_path"] / "late.tif").write_bytes(b"late")  # a superset
 
     outcome = materialize_partition(
         dlm,
@@ -350,8 +351,18 @@ def test_force_reexports_only_what_still_exists(
     after_kept, after_gone = catalog.get(kept["ref_id"]), catalog.get(gone["ref_id"])
     assert after_kept.attempts == 2 and after_kept.verified_at > before[kept["ref_id"]].verified_at
     assert after_gone.attempts == 1 and after_gone.status == EventStatus.VERIFIED
+    assert "late.tif" in {m.path for m in catalog.manifest(kept["ref_id"]).manifest().members}
+    # an unchanged tree gives the same tar (deterministic): nothing to replace
+    after_same = catalog.get(same["ref_id"])
+    assert after_same.status == EventStatus.VERIFIED
+    assert (after_same.sha256, after_same.etag, after_same.verified_at) == (
+        before[same["ref_id"]].sha256,
+        before[same["ref_id"]].etag,
+        before[same["ref_id"]].verified_at,
+    )
     metadata = outcome.asset_materializations_for_node("raw_export")[0].metadata
     reasons = metadata["skip reasons"].value
+    assert "unchanged since export" in reasons[same["ref_id"]]
     assert "not re-exported" in reasons[gone["ref_id"]]
     assert "does not exist" in reasons[gone["ref_id"]]
 

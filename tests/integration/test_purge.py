@@ -445,7 +445,7 @@ def test_an_export_cannot_claim_an_event_a_purge_holds_or_has_purged(lab) -> Non
     assert lab.catalog.claim_for_purge([record], "purge-run") == {record.ref_id}
     refused = lab.exporter("reexport").export(lab.get(record.ref_id), force=True)
     assert not refused.exported and refused.error is None
-    lab.catalog.finish_purges("purge-run", purged=[(record, 1)])
+    lab.catalog.finish_purges("purge-run", purged=[(record, 1, None)])
     assert lab.get(record.ref_id).purged_at is not None
     # The purge deleted the folder after the exporter looked: its claim is refused.
     assert not lab.catalog.claim(

@@ -1,6 +1,8 @@
-"""Property: whatever the mix of event states, S3 corruptions, clock offsets and disk
-levels, the purge never deletes a source that is not verified and matching in S3, and
-deletes every one that is eligible (real SeaweedFS and PostgreSQL; one bucket reused).
+"""Property: whatever the mix of event states, S3 corruptions, local changes (files
+added with old mtimes, removed, resized or re-timed behind the purge's back), clock
+offsets and disk levels, the purge never deletes a source that is not verified and
+matching in S3 and its manifest, and deletes every one that is eligible (real SeaweedFS
+and PostgreSQL; one bucket reused).
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ pytestmark = pytest.mark.integration
 EXAMPLES = 200
 DISK_TOTAL = 50_000  # bytes: of the order of a few events, so pressure is often partial
 MISMATCHES = ("object missing", "other bytes", "wrong sha256 metadata", "size changed")
+# Local changes a clock comparison misses: every one keeps the old mtimes where it can.
+LOCAL_CHANGES = ("file added", "file removed", "file resized", "file re-timed")
 STATES = ("received", "failed", "exporting", "verified", "needs_attention")
+OLD_MTIME_NS = 1_600_000_000 * 10**9  # 2020
 
 
 @dataclass
@@ -45,7 +50,7 @@ specs = st.builds(
     system=st.sampled_from(["prince", "prince", "tsu-exp002"]),
     state=st.sampled_from([*STATES, "verified", "verified", "verified"]),
     # a third tampered with, so that alarms are common rather than a rare corner
-    corruption=st.one_of(st.none(), st.none(), st.sampled_from([*MISMATCHES, "changed locally"])),
+    corruption=st.one_of(st.none(), st.none(), st.sampled_from([*MISMATCHES, *LOCAL_CHANGES])),
     # either side of the 8 h lifespan (hypothesis's floats favour their bounds)
     age_hours=st.one_of(st.floats(0, 14), st.sampled_from([1.0, 6.0, 9.5, 12.0])),
     size=st.integers(500, 12_000),
@@ -56,7 +61,9 @@ specs = st.builds(
 def make(lab: Lab, spec: Spec) -> EventRecord:
     """An event in the given state, made through the real export and catalog paths."""
     data = os.urandom(spec.size)
-    kwargs = {"single_file": data} if spec.single_file else {"files": {"a.bin": data}}
+    half = spec.size // 2
+    files = {"a.bin": data[:half], "sub/b.bin": data[half:]}
+    kwargs = {"single_file": data} if spec.single_file else {"files": files}
     record = lab.add(system=spec.system, age=timedelta(hours=spec.age_hours), **kwargs)
     if spec.state == "received":
         return record
@@ -91,11 +98,31 @@ def corrupt(lab: Lab, record: EventRecord, how: str) -> None:
     elif how == "size changed":
         body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
         client.put_object(Bucket=bucket, Key=key, Body=body + b"\0" * 512, Metadata=meta)
-    else:  # changed locally: a file written after the export
-        source = lab.source(record)
-        target = source if source.is_file() else source / "late.bin"
+    else:
+        change_locally(lab.source(record), how)
+
+
+def change_locally(source: Path, how: str) -> None:
+    """Change the exported tree on disk, restoring every mtime a change would bump."""
+    target = source if source.is_file() else source / "sub" / "b.bin"
+    folder = target.parent
+    stamps = {p: os.lstat(p).st_mtime_ns for p in (target, folder)}
+    if how == "file added" and source.is_file():  # a single file can only grow
         with open(target, "ab") as f:
-            f.write(b"more")
+            f.write(b"appended")
+    elif how == "file added":  # e.g. `cp -p` of an old file, after the export
+        late = folder / "late.bin"
+        late.write_bytes(b"never exported")
+        os.utime(late, ns=(OLD_MTIME_NS, OLD_MTIME_NS))
+    elif how == "file removed":
+        target.unlink()
+    elif how == "file resized":
+        os.truncate(target, max(0, target.stat().st_size - 1))
+    elif how == "file re-timed":  # an older mtime: the bytes may have been replaced
+        stamps[target] -= 3600 * 10**9
+    for path, mtime_ns in stamps.items():
+        if os.path.lexists(path):
+            os.utime(path, ns=(mtime_ns, mtime_ns))
 
 
 @pytest.fixture
@@ -149,6 +176,7 @@ def check_one_mix(
 ) -> None:
     made = [(spec, make(lab, spec)) for spec in events]
     before = {r.ref_id: lab.get(r.ref_id).model_dump() for _, r in made}
+    present = [r for _, r in made if os.path.lexists(lab.source(r))]  # a removed single file
     now = utcnow() + timedelta(hours=clock_offset_hours)
     disk = DiskLevel(total=DISK_TOTAL, free=int(DISK_TOTAL * free_percent / 100))
     policy = PurgePolicy(frozenset({"prince"}), LIFESPAN, min_free_percent)
@@ -156,7 +184,7 @@ def check_one_mix(
     outcomes = lab.purger(policy, dry_run=dry_run).run(now, disk)
 
     reported = {o.record.ref_id for o in outcomes if o.why is not None}
-    gone = {r.ref_id for _, r in made if not lab.source(r).exists()}
+    gone = {r.ref_id for r in present if not lab.source(r).exists()}
     deleted = reported if dry_run else gone
     if dry_run:
         assert gone == set()

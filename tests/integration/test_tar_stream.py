@@ -37,7 +37,7 @@ def test_uploaded_bytes_are_the_tar_with_its_sha256(object_store, tmp_path: Path
     (source / "sub" / "a.tif").write_bytes(b"A" * 10)
     os.link(source / "sub" / "a.tif", source / "sub" / "hardlink.tif")
     (source / "link").symlink_to("sub/a.tif")
-    metadata = {"ref_id": "r1", "schema_version": "1a1"}
+    metadata = {"ref_id": "r1", "timestamp": "2026-01-01T00:00:00+00:00", "schema_version": "1a1"}
 
     result = upload_tar(
         object_store.client,
@@ -54,13 +54,20 @@ def test_uploaded_bytes_are_the_tar_with_its_sha256(object_store, tmp_path: Path
         Bucket=object_store.bucket, Key="images/exp/20260101/000000.tar"
     )["Body"].read()
     assert result.size == len(body) and result.sha256 == hashlib.sha256(body).hexdigest()
-    # byte for byte what plain `write_tar` gives, but for metadata.json's mtime (now)
+    # byte for byte what plain `write_tar` gives (deterministic: metadata.json included)
     expected = io.BytesIO()
     write_tar(source, metadata, expected)
-    metadata_header = body.rindex(b"./metadata.json")
-    assert len(body) == len(expected.getvalue())
-    assert body[:metadata_header] == expected.getvalue()[:metadata_header]
-    assert body[metadata_header + 512 :] == expected.getvalue()[metadata_header + 512 :]
+    assert body == expected.getvalue()
+    assert result.etag == object_store.head("images/exp/20260101/000000.tar")["ETag"]
+    # the manifest: every member with its own sha256, read in the same pass
+    files = {m.path: m for m in result.manifest.files()}
+    assert set(files) == {"big.tif", "block.tif", "empty.tif", "sub/a.tif", "sub/hardlink.tif"}
+    for path, member in files.items():
+        assert member.sha256 == hashlib.sha256((source / path).read_bytes()).hexdigest()
+        assert member.mtime_ns == os.lstat(source / path).st_mtime_ns
+        assert member.size == os.lstat(source / path).st_size
+    link = next(m for m in result.manifest.members if m.path == "link")
+    assert (link.type, link.target) == ("symlink", "sub/a.tif")
 
 
 def test_a_file_shrinking_midway_leaves_no_object_and_no_open_upload(
@@ -81,7 +88,7 @@ def test_a_file_shrinking_midway_leaves_no_object_and_no_open_upload(
         upload_tar(
             object_store.client,
             source=source,
-            metadata={"ref_id": "r2"},
+            metadata={"ref_id": "r2", "timestamp": "2026-01-01T00:00:01+00:00"},
             bucket=object_store.bucket,
             key=key,
             object_metadata={},
@@ -110,7 +117,7 @@ def upload_one_frame(client, object_store, tmp_path: Path, key: str, parts: int)
     upload_tar(
         client,
         source=source,
-        metadata={"ref_id": key},
+        metadata={"ref_id": key, "timestamp": "2026-01-01T00:00:02+00:00"},
         bucket=object_store.bucket,
         key=key,
         object_metadata={},
@@ -183,7 +190,10 @@ def test_a_one_part_tar_goes_up_as_one_put_with_its_sha256(object_store, tmp_pat
     object_store.client.meta.events.register("before-call.s3", record)
     try:
         result = object_store.upload_tar(
-            source=source, metadata={"ref_id": "r4"}, key=key, ref_id="r4"
+            source=source,
+            metadata={"ref_id": "r4", "timestamp": "2026-01-01T00:00:04+00:00"},
+            key=key,
+            ref_id="r4",
         )
     finally:
         object_store.client.meta.events.unregister("before-call.s3", record)
@@ -233,7 +243,7 @@ def test_a_one_part_tar_corrupted_on_its_way_is_refused(object_store, tmp_path: 
         upload_tar(
             client,
             source=source,
-            metadata={"ref_id": "r5"},
+            metadata={"ref_id": "r5", "timestamp": "2026-01-01T00:00:05+00:00"},
             bucket=object_store.bucket,
             key=key,
             object_metadata={"ref-id": "r5"},

@@ -129,3 +129,16 @@ def test_resolve_source_inside(tmp_path) -> None:
     assert (
         resolve_source(tmp_path, "prince", "Images/a") == (tmp_path / "prince/Images/a").resolve()
     )
+
+
+@pytest.mark.parametrize("link_at", ["Images", "Images/a", "Images/a/b"])
+def test_resolve_source_refuses_a_symlink_at_any_level(tmp_path, link_at: str) -> None:
+    """A linked folder in the middle of local_path could point at another event's data,
+    even inside the system folder."""
+    real = tmp_path / "prince" / "Real" / "a" / "b"
+    real.mkdir(parents=True)
+    link = tmp_path / "prince" / link_at
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(tmp_path / "prince" / "Real" / link_at.removeprefix("Images").lstrip("/"))
+    with pytest.raises(InvalidEvent, match="crosses a symlink"):
+        resolve_source(tmp_path, "prince", "Images/a/b")

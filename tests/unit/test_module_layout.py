@@ -131,3 +131,17 @@ def strongly_connected(edges: dict[str, set[str]]) -> list[list[str]]:
             elif child in on_stack:
                 low[node] = min(low[node], index[child])
     return components
+
+
+def test_the_catalog_migrations_form_one_line() -> None:
+    """Branches merged side by side must be rechained: one head, each file its revision."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", "dlm_pipelines:migrations")
+    script = ScriptDirectory.from_config(config)
+    assert len(script.get_heads()) == 1
+    revisions = list(script.walk_revisions())  # newest first, raises on a broken chain
+    assert [r.down_revision for r in revisions][-1] is None
+    assert len({r.revision for r in revisions}) == len(revisions)

@@ -7,7 +7,7 @@ location recovered from an object's ``archived=true`` tag has no archiver job, s
 (``origin``: ``archiver`` or ``reconciled``).
 
 Revision ID: 0006
-Revises: 0003_api
+Revises: 0005
 Create Date: 2026-12-02 04:45:00.000000
 """
 
@@ -20,7 +20,7 @@ import dlm_pipelines.catalog
 
 revision: str = "0006"
 # The lead rechains revisions on merge (this branch was cut when 0003_api was the head).
-down_revision: str | None = "0003_api"
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,0 +1,308 @@
+"""Custody you can prove (issue 12), against real SeaweedFS and PostgreSQL: the four
+ways the purge and re-exports used to lose data, the path tricks, and the manifest a
+user checks an extracted download with."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from fastapi.testclient import TestClient
+
+from dlm_api.app import create_app
+from dlm_pipelines.catalog import EVENTS, MANIFESTS, EventStatus
+from dlm_pipelines.manifest_backfill import backfill
+from dlm_pipelines.purge_policy import Why
+from dlm_pipelines.purger import CHANGED_LOCALLY, CONTAINS_OTHERS, UNSAFE_SOURCE
+from tests.integration.test_api import AUTH, api_settings
+from tests.integration.test_purge import YOUNG, Lab
+
+pytestmark = pytest.mark.integration
+OLD_MTIME = 1_600_000_000  # 2020: what `cp -p`, `rsync -a` or a lagging file server leave
+
+
+@pytest.fixture
+def lab(catalog, object_store, streams, data_root) -> Lab:
+    return Lab(catalog, object_store, streams, Path(data_root.path))
+
+
+@pytest.fixture
+def client(catalog, object_store, tmp_path, dagster_instance) -> TestClient:
+    return TestClient(create_app(api_settings(catalog, object_store, tmp_path), dagster_instance))
+
+
+def object_bytes(lab: Lab, key: str) -> bytes:
+    return bytes(lab.store.client.get_object(Bucket=lab.store.bucket, Key=key)["Body"].read())
+
+
+def other_client(lab: Lab) -> Any:
+    """Another writer, with a client of its own."""
+    return boto3.client(
+        "s3", endpoint_url=lab.store.endpoint_url, region_name=lab.store.region_name
+    )
+
+
+# --- the four losses ------------------------------------------------------------------------
+
+
+def test_same_size_bytes_with_copied_metadata_are_never_trusted(lab) -> None:
+    record = lab.add_exported(files={"a.tif": os.urandom(5000)})
+    assert record.object_key and record.etag
+    head = lab.store.head(record.object_key)
+    assert head is not None
+    forged = os.urandom(head["ContentLength"])
+    lab.store.client.put_object(
+        Bucket=lab.store.bucket, Key=record.object_key, Body=forged, Metadata=head["Metadata"]
+    )
+
+    outcome = lab.purge()[record.ref_id]
+
+    assert outcome.why is None and outcome.alarm is not None and "ETag" in outcome.alarm
+    assert (lab.source(record) / "a.tif").exists()
+    assert lab.get(record.ref_id).status == EventStatus.NEEDS_ATTENTION
+
+
+def test_a_file_added_with_an_old_mtime_is_kept_and_named(lab) -> None:
+    record = lab.add_exported()
+    late = lab.source(record) / "copied-late.tif"
+    late.write_bytes(b"never exported")
+    os.utime(late, (OLD_MTIME, OLD_MTIME))
+
+    outcome = lab.purge()[record.ref_id]
+
+    assert outcome.skip is not None and outcome.skip.reason == CHANGED_LOCALLY
+    assert "copied-late.tif" in outcome.skip.detail and "added" in outcome.skip.detail
+    assert late.read_bytes() == b"never exported"
+    after = lab.get(record.ref_id)
+    assert after.status == EventStatus.VERIFIED and after.purged_at is None
+    assert after.last_error is not None and "copied-late.tif" in after.last_error  # lifecycle
+
+
+def test_a_removal_failing_halfway_leaves_the_event_purged_and_the_object_whole(
+    lab, tmp_path
+) -> None:
+    record = lab.add_exported(files={f"f{i}.tif": os.urandom(3000) for i in range(6)})
+    assert record.object_key
+    stored = object_bytes(lab, record.object_key)
+    stuck = lab.source(record) / "f3.tif"
+    subprocess.run(["chattr", "+i", str(stuck)], check=True)  # ext4 here; root can
+    try:
+        outcome = lab.purge()[record.ref_id]
+
+        assert outcome.why == Why.LIFESPAN and outcome.error and "removal failed" in outcome.error
+        assert not lab.source(record).exists()  # renamed away as one step
+        after = lab.get(record.ref_id)
+        assert after.purged_at is not None and after.trash_path
+        assert Path(after.trash_path).is_dir()  # half removed, recorded
+
+        forced = lab.exporter("forced").export(after, force=True)
+        assert not forced.exported
+        assert object_bytes(lab, record.object_key) == stored
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=False)
+        subprocess.run(
+            ["chattr", "-i", str(lab.root / "prince" / ".dlm-trash" / record.ref_id / "f3.tif")],
+            check=False,
+        )
+
+    lab.purge()  # the next run finishes the removal from the trash
+    assert not Path(after.trash_path).exists() and lab.get(record.ref_id).trash_path is None
+
+
+def test_a_forced_reexport_of_half_a_folder_is_refused(lab) -> None:
+    record = lab.add_exported(files={f"f{i}.tif": os.urandom(3000) for i in range(4)})
+    assert record.object_key
+    stored = object_bytes(lab, record.object_key)
+    (lab.source(record) / "f1.tif").unlink()  # what a delete failing halfway used to leave
+    (lab.source(record) / "f2.tif").write_bytes(b"short")
+
+    outcome = lab.exporter("forced").export(lab.get(record.ref_id), force=True)
+
+    assert not outcome.exported and outcome.error and outcome.permanent
+    assert "f1.tif" in outcome.error and "f2.tif" in outcome.error
+    assert object_bytes(lab, record.object_key) == stored
+    assert lab.get(record.ref_id).status == EventStatus.VERIFIED
+
+
+def test_an_archived_object_is_never_replaced(lab) -> None:
+    record = lab.add_exported()
+    assert record.object_key
+    stored = object_bytes(lab, record.object_key)
+    lab.store.client.put_object_tagging(
+        Bucket=lab.store.bucket,
+        Key=record.object_key,
+        Tagging={"TagSet": [{"Key": "archived", "Value": "true"}]},
+    )
+    (lab.source(record) / "more.tif").write_bytes(b"a superset")
+
+    outcome = lab.exporter("forced").export(lab.get(record.ref_id), force=True)
+
+    assert not outcome.exported and outcome.error and "on tape" in outcome.error
+    assert object_bytes(lab, record.object_key) == stored
+
+
+MULTIPART = {"big.tif": os.urandom(6 << 20)}  # over the test store's 5 MiB part: no single PUT
+
+
+def test_a_writer_between_upload_and_copy_is_never_described_by_our_sha256(lab) -> None:
+    record = lab.add(files=MULTIPART)
+    theirs = os.urandom(4000)
+    writer = other_client(lab)
+
+    def write_before_copy(params: dict[str, Any], **_: Any) -> None:
+        writer.put_object(Bucket=params["Bucket"], Key=params["Key"], Body=theirs)
+
+    # after our upload completed, before the copy that stamps its sha256
+    hook = "provide-client-params.s3.CopyObject"
+    events = lab.store.client.meta.events
+    events.register(hook, write_before_copy)
+    try:
+        outcome = lab.exporter().export(record, force=False)
+    finally:
+        events.unregister(hook, write_before_copy)
+
+    assert not outcome.exported and outcome.error and "PreconditionFailed" in outcome.error
+    after = lab.get(record.ref_id)
+    assert after.status == EventStatus.FAILED and after.verified_at is None
+    assert after.object_key
+    head = lab.store.head(after.object_key)
+    assert head is not None and "sha256" not in head.get("Metadata", {})
+    assert object_bytes(lab, after.object_key) == theirs
+
+
+def test_a_key_taken_between_head_and_completion_is_not_overwritten(lab) -> None:
+    record = lab.add(files=MULTIPART)
+    theirs = os.urandom(4000)
+    writer = other_client(lab)
+
+    def write_before_complete(params: dict[str, Any], **_: Any) -> None:
+        writer.put_object(Bucket=params["Bucket"], Key=params["Key"], Body=theirs)
+
+    # after the exporter found the key free, before its upload completes
+    hook = "provide-client-params.s3.CompleteMultipartUpload"
+    events = lab.store.client.meta.events
+    events.register(hook, write_before_complete)
+    try:
+        outcome = lab.exporter().export(record, force=False)
+    finally:
+        events.unregister(hook, write_before_complete)
+
+    assert not outcome.exported and outcome.error and "PreconditionFailed" in outcome.error
+    key = lab.get(record.ref_id).object_key
+    assert key and object_bytes(lab, key) == theirs
+
+
+# --- paths ----------------------------------------------------------------------------------
+
+
+def test_a_symlinked_folder_in_the_middle_of_local_path_is_refused(lab) -> None:
+    record = lab.add_exported(local_path="Images/run7/stitch")
+    images = lab.root / "prince" / "Images"
+    elsewhere = lab.root / "prince" / "Elsewhere"
+    shutil.move(images, elsewhere)
+    images.symlink_to(elsewhere, target_is_directory=True)  # same files, through a link
+
+    outcome = lab.purge()[record.ref_id]
+    assert outcome.skip is not None and outcome.skip.reason == UNSAFE_SOURCE
+    assert "crosses a symlink" in outcome.skip.detail
+    assert (elsewhere / "run7" / "stitch").is_dir()
+
+    forced = lab.exporter("forced").export(lab.get(record.ref_id), force=True)
+    assert not forced.exported
+
+
+def test_a_folder_holding_another_events_source_is_not_purged(lab) -> None:
+    outer = lab.add_exported(local_path="Images/plate1")
+    inner = lab.add_exported(local_path="Images/plate1/well3", age=YOUNG)
+
+    outcomes = lab.purge()
+
+    skip = outcomes[outer.ref_id].skip
+    assert skip is not None and skip.reason == CONTAINS_OTHERS
+    assert lab.source(inner).is_dir() and lab.source(outer).is_dir()
+
+
+# --- the proof for users --------------------------------------------------------------------
+
+
+def extract(data: bytes, into: Path) -> None:
+    into.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(into, filter="tar")
+
+
+def test_sha256sum_checks_an_extracted_download(lab, client, tmp_path) -> None:
+    files = {"a.tif": os.urandom(7000), "sub/b.tif": os.urandom(100), "empty.tif": b""}
+    record = lab.add_exported(files=files)
+    assert record.object_key
+
+    manifest = client.get(f"/api/1/events/{record.ref_id}/manifest", headers=AUTH)
+    assert manifest.status_code == 200, manifest.text
+    body = manifest.json()
+    assert body["tar"] == {
+        "key": f"{lab.store.bucket}/{record.object_key}",
+        "size": record.size,
+        "sha256": record.sha256,
+        "etag": record.etag,
+    }
+    assert {f["path"]: f["sha256"] for f in body["files"]} == {
+        name: hashlib.sha256(data).hexdigest() for name, data in files.items()
+    }
+    assert body["source"] == "export" and body["purged_at"] is None
+
+    listing = client.get(
+        f"/api/1/events/{record.ref_id}/manifest", params={"format": "sha256sum"}, headers=AUTH
+    )
+    assert listing.status_code == 200 and listing.headers["content-type"].startswith("text/plain")
+    folder = tmp_path / "download"
+    extract(object_bytes(lab, record.object_key), folder)
+    (tmp_path / "SHA256SUMS").write_text(listing.text)
+
+    check = ["sha256sum", "-c", str(tmp_path / "SHA256SUMS")]
+    assert subprocess.run(check, cwd=folder, capture_output=True).returncode == 0
+    flipped = bytearray((folder / "a.tif").read_bytes())
+    flipped[1234] ^= 0x01
+    (folder / "a.tif").write_bytes(bytes(flipped))
+    failed = subprocess.run(check, cwd=folder, capture_output=True, text=True)
+    assert failed.returncode != 0 and "a.tif: FAILED" in failed.stdout
+
+    assert client.get(f"/api/1/events/{record.ref_id}/manifest").status_code == 401
+
+
+def test_older_exports_get_their_manifest_from_the_backfill(lab, client) -> None:
+    files = {"a.tif": os.urandom(2000), "sub/b.tif": os.urandom(300)}
+    records = [lab.add_exported(files=files), lab.add_exported(single_file=b"v" * 999)]
+    recorded = {r.ref_id: lab.catalog.manifest(r.ref_id) for r in records}
+    with lab.catalog.engine.begin() as conn:  # as exported before manifests existed
+        conn.execute(MANIFESTS.delete())
+        conn.execute(EVENTS.update().values(etag=None))
+
+    missing = client.get(f"/api/1/events/{records[0].ref_id}/manifest", headers=AUTH)
+    assert missing.status_code == 404 and "dlm backfill-manifests" in missing.json()["detail"]
+    assert lab.purge()[records[0].ref_id].why is None  # no manifest, no purge
+
+    report = backfill(lab.catalog, lab.store)
+
+    assert sorted(report.recorded) == sorted(r.ref_id for r in records) and not report.failed
+    for record in records:
+        after = lab.catalog.manifest(record.ref_id)
+        original = recorded[record.ref_id]
+        assert after is not None and original is not None and after.source == "backfill"
+        assert {m.path: m.sha256 for m in after.manifest().files()} == {
+            m.path: m.sha256 for m in original.manifest().files()
+        }
+        assert lab.get(record.ref_id).etag == lab.store.head(record.object_key or "")["ETag"]
+    body = client.get(f"/api/1/events/{records[0].ref_id}/manifest", headers=AUTH).json()
+    assert body["source"] == "backfill" and len(body["files"]) == 2
+    # whole-second mtimes from the tar still prove the unchanged tree
+    outcomes = lab.purge()
+    assert all(outcomes[r.ref_id].why == Why.LIFESPAN for r in records)
+    assert backfill(lab.catalog, lab.store).recorded == []  # one-off: nothing left
