@@ -5,12 +5,14 @@ Everything streams, so memory stays bounded at any catalog size:
 
 - **catalog ↔ S3**: the bucket's listing under each kind's prefix and the catalog's
   exports under it, both in key order, merged like two sorted files. HEAD only where
-  the listing cannot decide (same size, but written after our verified upload).
+  the listing cannot decide (another size or ETag than recorded, or written after
+  our verified upload).
 - **catalog ↔ tape**: the object tag `archived=true` (docs/contracts.md §4), read
   only for exports with no archive location whose date folder the archiver has
   passed. A tagged one gets the location it must have (origin "reconciled").
 - **catalog ↔ local disks**: a depth-first walk of `<data root>/<system>/` with
-  sorted names, merged with the system's local paths in the same order.
+  sorted names (the purge's trash left out), merged with the system's local paths in
+  the same order; an exported tree is compared with its recorded manifest.
 - **the catalog itself**: events stuck in a state, sources gone before export.
 
 No false alarms from work in flight: a candidate comes from the first catalog read
@@ -44,7 +46,8 @@ from botocore.exceptions import ClientError
 
 from dlm_pipelines.archive_locations import archive_id
 from dlm_pipelines.catalog import Catalog, EventStatus, utcnow
-from dlm_pipelines.events import SAFE_SEGMENT_RE, EventMetadata, EventType
+from dlm_pipelines.events import SAFE_SEGMENT_RE, TRASH_FOLDER, EventMetadata, EventType
+from dlm_pipelines.manifest import Manifest, compare, scan
 
 
 class Kind(StrEnum):
@@ -268,8 +271,8 @@ def _same(a: Any, b: Any) -> bool:
     """The second snapshot shows the row unchanged in what the finding is about."""
     return all(
         getattr(a, name) == getattr(b, name)
-        for name in ("status", "object_key", "size", "sha256", "verified_at", "claimed_at",
-                     "attempts", "purged_at", "archive_path")
+        for name in ("status", "object_key", "size", "sha256", "etag", "verified_at",
+                     "claimed_at", "attempts", "purged_at", "archive_path")
     )  # fmt: skip
 
 
@@ -353,7 +356,9 @@ class Reconciler:
         if listed is None:
             return "missing"
         if listed.size != row.size or self._written_after(listed, row):
-            return "head"  # a HEAD decides (sha256 metadata, ref-id)
+            return "head"  # a HEAD decides (sha256 metadata, ref-id, ETag)
+        if row.etag is not None and listed.etag != row.etag.strip('"'):
+            return "head"
         match = CONTRACT_KEY_RE.match(row.object_key)
         if row.archive_path is None and match is not None and match["day"] < today:
             return "tag"  # the archiver has passed its date folder
@@ -363,8 +368,8 @@ class Reconciler:
     def _written_after(listed: ListedObject, row: Any) -> bool:
         # The exporter writes the object (and its sha256 copy) before it records the
         # upload, so an object modified later was replaced. Listings give whole seconds
-        # (SeaweedFS), so a replacement within the upload's second goes unseen until
-        # the catalogued ETag (custody, issue 12) decides here, without a HEAD.
+        # (SeaweedFS): a replacement within the upload's second is caught by the ETag
+        # the export recorded (exports made before ETags were recorded have none).
         return bool(row.uploaded_at is not None and listed.last_modified > row.uploaded_at)
 
     def _settle_store(
@@ -422,6 +427,8 @@ class Reconciler:
             problems.append(f"sha256 {meta.get(SHA256_META)!r} != catalog {row.sha256!r}")
         if meta.get(REF_ID_META) not in (None, row.ref_id):
             problems.append(f"ref-id {meta.get(REF_ID_META)!r} != {row.ref_id!r}")
+        if row.etag is not None and str(head.get("ETag", "")).strip('"') != row.etag.strip('"'):
+            problems.append(f"ETag {head.get('ETag')} != catalog {row.etag}")
         if problems:
             return [Finding(Kind.OBJECT_MISMATCH, "; ".join(problems), **base)]
         if what == "head":  # replaced by an identical copy: also check the tape side
@@ -504,11 +511,12 @@ class Reconciler:
                     )
                 )
         fresh = self.catalog.rows_by_ref([row.ref_id for row in walk.changed])
+        manifests = self.catalog.manifests([row.ref_id for row in walk.changed])
         for row in walk.changed:
             again = fresh.get(row.ref_id)
             if again is None or not _same(row, again):
                 continue
-            detail = self._changed(again, walk.base / row.local_path)
+            detail = self._changed(again, walk.base / row.local_path, manifests.get(row.ref_id))
             if detail is not None:
                 sink.add(
                     Finding(
@@ -522,25 +530,25 @@ class Reconciler:
         walk.unnamed, walk.changed = [], []
 
     @staticmethod
-    def _changed(row: Any, source: Path) -> str | None:
+    def _changed(row: Any, source: Path, manifest: Manifest | None) -> str | None:
         """How the local copy differs from what was exported, or None.
 
-        Until the catalog keeps each export's manifest (custody, issue 12), the rule the
-        purge uses: anything under the source modified after the export began. The
-        manifest comparison (names, types, sizes, mtimes) replaces this function.
+        The recorded manifest decides, as it does for the purge: names, types, sizes and
+        mtimes. An export made before manifests were recorded (and not yet backfilled)
+        falls back to the old rule: anything modified after the export began.
         """
-        times = [t for t in (row.claimed_at, row.uploaded_at) if t is not None]
-        if not times:
-            return None
         try:
+            if manifest is not None:
+                difference = compare(manifest, scan(source))
+                return difference.describe() if difference else None
             newest = newest_mtime(source)
         except FileNotFoundError:
-            return None
-        began = min(times)
-        if newest <= began.timestamp():
+            return None  # purged or moved meanwhile: the source checks say so
+        times = [t for t in (row.claimed_at, row.uploaded_at) if t is not None]
+        if not times or newest <= min(times).timestamp():
             return None
         modified = datetime.fromtimestamp(newest, UTC).isoformat()
-        return f"modified {modified}, after the export began {began.isoformat()}"
+        return f"modified {modified}, after the export began {min(times).isoformat()}"
 
     def _walk(
         self, folder: Path, prefix: str, walk: _Walk, now: datetime, sink: FindingSink
@@ -549,6 +557,8 @@ class Reconciler:
             children = sorted(entries, key=lambda e: e.name)
         named = walk.named
         for entry in children:
+            if not prefix and entry.name == TRASH_FOLDER:
+                continue  # the purge's own: copies on their way out, already recorded
             path = prefix + entry.name
             order = path.replace("/", "\x01")
             sink.report.scanned["local entries"] += 1
@@ -562,8 +572,8 @@ class Reconciler:
                 ):
                     row = named.head
                     exported = row.status in IN_STORE and not row.purged_at
-                    if row.local_path == path and exported and self._changed(row, Path(entry.path)):
-                        walk.changed.append(row)
+                    if row.local_path == path and exported:
+                        walk.changed.append(row)  # compared with its manifest in a batch
                     named.advance()
             elif head is not None and head.local_path.startswith(path + "/"):
                 if entry.is_dir(follow_symlinks=False):

@@ -29,7 +29,7 @@ from dlm_api.app import create_app
 from dlm_pipelines.archive_locations import parse_archive_message
 from dlm_pipelines.catalog import Catalog, EventRecord, EventStatus, utcnow
 from dlm_pipelines.definitions import build_definitions
-from dlm_pipelines.events import parse_imaging_event
+from dlm_pipelines.events import TRASH_FOLDER, parse_imaging_event
 from dlm_pipelines.exporter import Exporter
 from dlm_pipelines.partitions import partition_key_for
 from dlm_pipelines.reconciler import Reconciler, list_pages
@@ -197,11 +197,10 @@ def test_each_fault_is_found_shown_and_closed_once_fixed(site: Site, dagster_ins
 
     overwritten = site.exported()
     original = site.save(overwritten.object_key)
-    forged = os.urandom(len(original[0]))  # same size: only a HEAD can tell
-    # Until the catalog keeps the ETag (issue 12) the listing's LastModified, in whole
-    # seconds on SeaweedFS, is what says "written after our upload".
-    time.sleep(1.1)
-    site.put(overwritten.object_key, forged)
+    forged = os.urandom(len(original[0]))
+    # Same size, our metadata copied over, within the upload's second (the listing's
+    # LastModified cannot tell): only the ETag the export recorded does.
+    site.put(overwritten.object_key, forged, original[1])
 
     legacy_key = "images/legacy-exp/20261101/101010.tar"
     legacy_ref = str(uuid.uuid4())
@@ -215,6 +214,10 @@ def test_each_fault_is_found_shown_and_closed_once_fixed(site: Site, dagster_ins
     (unannounced / "sub").mkdir(parents=True)
     (unannounced / "sub" / "Img_r01_c01.tif").write_bytes(b"x" * 100)
     age_tree(unannounced, timedelta(hours=2))
+    in_trash = site.root / "prince" / TRASH_FOLDER / str(uuid.uuid4())  # the purge's own
+    in_trash.mkdir(parents=True)
+    (in_trash / "Img_r01_c01.tif").write_bytes(b"t" * 10)
+    age_tree(in_trash.parent, timedelta(hours=2))
     fresh_folder = site.root / "prince" / "Images" / "still-writing"
     fresh_folder.mkdir(parents=True)
     (fresh_folder / "a.tif").write_bytes(b"y")  # inside DLM_RECONCILE_GRACE: not yet
@@ -238,7 +241,9 @@ def test_each_fault_is_found_shown_and_closed_once_fixed(site: Site, dagster_ins
     site.tag_archived(tagged.object_key)
 
     edited = site.exported()
-    (site.root / edited.system / edited.local_path / "added-later.tif").write_bytes(b"z")
+    late = site.root / edited.system / edited.local_path / "added-later.tif"
+    late.write_bytes(b"z")
+    age_tree(late, timedelta(days=1))  # copied with its old mtime (rsync -a): no clock tells
 
     overdue = site.exported(timestamp=now - timedelta(days=5))
     site.update(overdue.ref_id, verified_at=now - timedelta(days=4))
@@ -269,7 +274,9 @@ def test_each_fault_is_found_shown_and_closed_once_fixed(site: Site, dagster_ins
     assert severities["object_without_event"] == severities["changed_since_export"] == "warning"
     assert page["findings"][0]["severity"] == "alarm"  # alarms first
     mismatch = next(f for f in page["findings"] if f["kind"] == "object_mismatch")
-    assert "sha256" in mismatch["detail"] and mismatch["key"] == overwritten.object_key
+    assert "ETag" in mismatch["detail"] and mismatch["key"] == overwritten.object_key
+    changed = next(f for f in page["findings"] if f["kind"] == "changed_since_export")
+    assert "1 added (added-later.tif)" in changed["detail"]
     paged = client.get("/api/1/reconciliation", params={"limit": 3, "offset": 3}, headers=AUTH)
     assert paged.json()["findings"] == page["findings"][3:6]
     only = client.get("/api/1/reconciliation", params={"kind": "stuck"}, headers=AUTH).json()
