@@ -110,8 +110,14 @@ def test_events_are_exported_listed_and_downloadable(stack, catalog, streams, ap
         download = httpx.get(listed[fields["ref_id"]]["url"], timeout=30)
         assert download.status_code == 200
         assert hashlib.sha256(download.content).hexdigest() == record.sha256
-        lifecycle = api.get(f"/api/1/events/{fields['ref_id']}").json()
-        assert lifecycle["status"] == "verified" and lifecycle["run"]["status"] == "SUCCESS"
+
+        # The run that exported it lingers for new events (warm), then succeeds.
+        def lifecycle_done(ref_id: str = fields["ref_id"]) -> dict | None:
+            lifecycle = api.get(f"/api/1/events/{ref_id}").json()
+            return lifecycle if lifecycle["run"]["status"] == "SUCCESS" else None
+
+        lifecycle = wait_for("the exporting run to end", lifecycle_done, 120, stack)
+        assert lifecycle["status"] == "verified"
 
 
 def test_an_archive_message_shows_the_archive_location(stack, catalog, streams, api) -> None:
