@@ -313,6 +313,9 @@ def run(args: argparse.Namespace, url: str, build: bool = False) -> int:
         systems=",".join(SYSTEMS),
         partition_start_date="2025-01-01",
         sensor_batch_size=args.new,
+        # The tick's work alone: with a wait, a tick also watches the stream (blocked in
+        # Redis, no CPU) for DLM_SENSOR_WAIT_SECONDS, by design.
+        sensor_wait_seconds=0,
         data_root=Path("/nonexistent-dlm-bench"),
         export_stale_after_seconds=24 * 3600,  # the live runs below log no heartbeats
     )

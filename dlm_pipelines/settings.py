@@ -130,8 +130,9 @@ class Settings(BaseSettings):
     partition_start_date: date = date(2026, 1, 1)
     sensor_interval_seconds: int = Field(default=1, ge=1, le=5)
     # Dagster's sensor daemon starts a round of ticks only every 5 s, whatever the
-    # interval; a tick that finds nothing waits this long on the stream instead, so an
-    # event is read the moment it arrives. 0: never wait.
+    # interval; a tick watches the stream for this long, recording each event as it
+    # arrives (a warm run takes it), and returns early only to request a run. 0: a
+    # tick reads what is there and returns.
     sensor_wait_seconds: float = Field(default=4.0, ge=0, le=30)
     sensor_batch_size: int = Field(default=500, ge=1, le=10_000)
     export_concurrency: int = Field(default=4, ge=1, le=64)

@@ -6,8 +6,9 @@ idempotent on ref_id.
 """
 
 import gc
-from collections import defaultdict
-from datetime import timedelta
+import time
+from collections import Counter, defaultdict
+from datetime import datetime, timedelta
 from functools import cache
 
 from dagster import (
@@ -39,6 +40,7 @@ from dlm_pipelines.partitions import system_of
 from dlm_pipelines.recovery import Recovery, RetrySchedule, SweepReport
 from dlm_pipelines.resources import RedisStreams
 from dlm_pipelines.resources.alerts import Alerts
+from dlm_pipelines.resources.redis_streams import StreamEntry
 from dlm_pipelines.settings import Settings
 from dlm_pipelines.stream_retention import stream_id_key, trim_streams
 
@@ -75,49 +77,69 @@ def build_imaging_event_sensor(
         alert_webhook: Alerts,
     ) -> SensorResult:
         _freeze_long_lived_objects()
-        cursor = context.cursor or INITIAL_CURSOR
+        # The daemon starts a tick at most every 5 s: the stream is watched for most of
+        # that time, so an event is recorded (where a warm run takes it) as it arrives.
+        deadline = time.monotonic() + settings.sensor_wait_seconds
+        committed = context.cursor or INITIAL_CURSOR
         now = utcnow()
-        observations = _trim_alarm(context, streams, cursor)
-        entries = streams.read_imaging_events(cursor, settings.sensor_batch_size)
-        if not entries and streams.wait_for_imaging_events(cursor, settings.sensor_wait_seconds):
-            entries = streams.read_imaging_events(cursor, settings.sensor_batch_size)
         window = TimeWindow.around(settings.partition_start_date, now, settings.event_max_future)
-        intake = Intake(catalog=catalog, streams=streams, systems=systems).take(entries, window)
-        for stream_id, reason in intake.reasons:
-            context.log.warning(f"dead-lettered {stream_id}: {reason}")
-        if intake.dead_lettered:
-            # Runless: the counts stay on raw_export's timeline in the UI.
-            observations.append(
-                AssetObservation(
-                    asset_key=AssetKey("raw_export"),
-                    metadata={
-                        "dead_lettered": intake.dead_lettered,
-                        "conflicts": intake.conflicts,
-                        "stream_ids": [stream_id for stream_id, _ in intake.reasons][:100],
-                    },
-                )
-            )
-        accepted = intake.accepted
-        duplicates = intake.repeated
-        rejected = intake.dead_lettered
-        new = intake.new
-        _report_future(context, catalog, intake, partitions_def)
-        if intake.reasons:  # one alert per tick, however many entries it rejected
-            alert_webhook.send(
-                alerts.dead_letters(
-                    source=streams.imaging_event_stream,
-                    destination=streams.dead_letter_stream,
-                    reasons=[reason for _, reason in intake.reasons],
-                )
-            )
+        observations = _trim_alarm(context, streams, committed)
+        intake = Intake(catalog=catalog, streams=streams, systems=systems)
+        counts = Counter[str]()
 
-        # Group what still needs exporting by partition; the stream ids name the batch.
-        # New rows are never tried; only a repeated ref_id needs its status read.
-        statuses = dict.fromkeys(new, EventStatus.RECEIVED.value) | catalog.statuses(duplicates)
-        batches: dict[str, list[tuple[str, str]]] = defaultdict(list)
-        for event, stream_id, partition_key in accepted:
-            if statuses.get(event.ref_id) == EventStatus.RECEIVED:
-                batches[partition_key].append((event.ref_id, stream_id))
+        def take(entries: list[StreamEntry]) -> dict[str, list[tuple[str, str]]]:
+            """Record `entries`; their never-tried events by partition, as (ref_id, id)."""
+            if not entries:
+                return {}
+            report = intake.take(entries, window)
+            counts.update(
+                read=len(entries),
+                new=len(report.new),
+                repeated=len(report.repeated),
+                dead_lettered=report.dead_lettered,
+            )
+            _report_rejects(context, streams, alert_webhook, report, observations)
+            _report_future(context, catalog, report, partitions_def)
+            # New rows are never tried; only a repeated ref_id needs its status read.
+            statuses = dict.fromkeys(report.new, EventStatus.RECEIVED.value) | catalog.statuses(
+                report.repeated
+            )
+            batches: dict[str, list[tuple[str, str]]] = defaultdict(list)
+            for event, stream_id, partition_key in report.accepted:
+                if statuses.get(event.ref_id) == EventStatus.RECEIVED:
+                    batches[partition_key].append((event.ref_id, stream_id))
+            return batches
+
+        def requests_for(
+            batches: dict[str, list[tuple[str, str]]], due: dict[str, list[str]]
+        ) -> list[RunRequest]:
+            run_requests = []
+            for partition_key, items in batches.items():
+                if not partitions_def.has_partition_key(partition_key):
+                    continue  # a day that has not begun yet; the sweep picks it up later
+                # A busy partition gets a request every tick: its due retries ride along
+                # (a warm run takes only never-tried events; the request makes it yield).
+                retry = due.get(partition_key, [])
+                if partition_will_take_new_events(context.instance, partition_key) and not retry:
+                    continue  # a queued run, or a warm one, takes every pending event
+                ref_ids = list(dict.fromkeys([*(ref_id for ref_id, _ in items), *retry]))
+                run_requests.append(
+                    RunRequest(
+                        partition_key=partition_key,
+                        run_key=f"{partition_key}@{items[0][1]}..{items[-1][1]}",
+                        run_config={"ops": {"raw_export": {"config": {"ref_ids": ref_ids}}}},
+                        tags={
+                            "dlm/system": system_of(partition_key),
+                            "dlm/trigger": "sensor",
+                            **({ACCEPTING_TAG: "true"} if linger else {}),
+                        },
+                    )
+                )
+            return run_requests
+
+        entries = streams.read_imaging_events(committed, settings.sensor_batch_size)
+        cursor = entries[-1][0] if entries else committed
+        batches = take(entries)
 
         # Failed events due for a retry (and lost announcements): see recovery.py.
         recovery = Recovery(
@@ -127,87 +149,45 @@ def build_imaging_event_sensor(
             run_is_alive=lambda run_id: run_is_alive(context.instance, run_id),
         ).sweep(now)
         _log_recovery(context, recovery)
-
-        run_requests: list[RunRequest] = []
-        for partition_key, items in batches.items():
-            if not partitions_def.has_partition_key(partition_key):
-                continue  # a day that has not begun yet; the sweep picks it up later
-            # A busy partition gets a request every tick: its due retries ride along
-            # (a warm run takes only never-tried events; the request makes it yield).
-            due = recovery.due.get(partition_key, [])
-            if partition_will_take_new_events(context.instance, partition_key) and not due:
-                continue  # a queued run, or a warm one, takes every pending event
-            ref_ids = list(dict.fromkeys([*(ref_id for ref_id, _ in items), *due]))
-            run_requests.append(
-                RunRequest(
-                    partition_key=partition_key,
-                    run_key=f"{partition_key}@{items[0][1]}..{items[-1][1]}",
-                    run_config={"ops": {"raw_export": {"config": {"ref_ids": ref_ids}}}},
-                    tags={
-                        "dlm/system": system_of(partition_key),
-                        "dlm/trigger": "sensor",
-                        **({ACCEPTING_TAG: "true"} if linger else {}),
-                    },
-                )
-            )
-
-        # The sweep: work nobody will do otherwise. Never-tried events whose run request
-        # was lost (or whose day had not begun), events claimed by a dead run, failed
-        # events due for a retry, and verified events never announced.
+        run_requests = requests_for(batches, recovery.due)
         _fail_silent_runs(context, stale_after)
-        requested = {r.partition_key for r in run_requests} | set(batches)
-        claims = catalog.claims()
-        alive = alive_runs(context.instance, {run_id for _, run_id in claims})
-        orphaned = (
-            catalog.stale_partitions(now - sweep_after)
-            + [partition_key for partition_key, run_id in claims if run_id not in alive]
-            + list(recovery.due)
+        run_requests += _sweep(
+            context, catalog, recovery, set(batches), partitions_def, since=now - sweep_after
         )
-        for partition_key in dict.fromkeys(orphaned):
-            if partition_key in requested or not partitions_def.has_partition_key(partition_key):
-                continue
-            if partition_will_take_new_events(context.instance, partition_key):
-                continue
-            requested.add(partition_key)
-            retry = recovery.due.get(partition_key, [])
-            context.log.warning(
-                f"{partition_key}: events nobody is exporting; requesting a run"
-                + (f" (retrying {len(retry)} failed event(s))" if retry else "")
-            )
-            run_requests.append(
-                RunRequest(
-                    partition_key=partition_key,
-                    # Named failed events are retried; never-tried ones are always taken.
-                    run_config={"ops": {"raw_export": {"config": {"ref_ids": retry}}}}
-                    if retry
-                    else {},
-                    tags={"dlm/system": system_of(partition_key), "dlm/trigger": "sweep"},
-                )
-            )
 
         trimmed = trim_streams(
             streams.client,
             imaging_stream=streams.imaging_event_stream,
             other_streams=[streams.export_stream, streams.dead_letter_stream],
-            cursor=cursor,  # the committed one: this tick's may yet be lost
+            cursor=committed,  # this tick's may yet be lost
             now=now,
             retention=settings.stream_retention,
         )
         if any(trimmed.values()):
             context.log.info(f"trimmed entries older than {settings.stream_retention}: {trimmed}")
 
-        new_cursor = entries[-1][0] if entries else cursor
-        if entries:
+        # Until the budget is spent, record each entry as it comes (a warm run of its
+        # partition takes it from the catalog); return at once when a run is needed.
+        while not run_requests and (remaining := deadline - time.monotonic()) > 0:
+            if len(entries) < settings.sensor_batch_size and not streams.wait_for_imaging_events(
+                cursor, remaining
+            ):
+                break
+            entries = streams.read_imaging_events(cursor, settings.sensor_batch_size)
+            cursor = entries[-1][0] if entries else cursor
+            run_requests = requests_for(take(entries), {})
+
+        if counts["read"]:
             context.log.info(
-                f"read {len(entries)} entr(ies) up to {new_cursor}: {len(new)} new, "
-                f"{len(duplicates)} repeated, {rejected} dead-lettered; "
+                f"read {counts['read']} entr(ies) up to {cursor}: {counts['new']} new, "
+                f"{counts['repeated']} repeated, {counts['dead_lettered']} dead-lettered; "
                 f"{len(run_requests)} run request(s)"
             )
         return SensorResult(
             run_requests=run_requests,
-            cursor=new_cursor,
+            cursor=cursor,
             asset_events=observations,
-            skip_reason=None if run_requests else _skip_reason(entries, rejected, duplicates),
+            skip_reason=None if run_requests else _skip_reason(counts),
         )
 
     return imaging_event_sensor
@@ -247,6 +227,79 @@ def _report_future(
         catalog.note([event.ref_id], note)
 
 
+def _report_rejects(
+    context: SensorEvaluationContext,
+    streams: RedisStreams,
+    alert_webhook: Alerts,
+    intake: IntakeReport,
+    observations: list[AssetObservation],
+) -> None:
+    for stream_id, reason in intake.reasons:
+        context.log.warning(f"dead-lettered {stream_id}: {reason}")
+    if not intake.reasons:
+        return
+    # Runless: the counts stay on raw_export's timeline in the UI.
+    observations.append(
+        AssetObservation(
+            asset_key=AssetKey("raw_export"),
+            metadata={
+                "dead_lettered": intake.dead_lettered,
+                "conflicts": intake.conflicts,
+                "stream_ids": [stream_id for stream_id, _ in intake.reasons][:100],
+            },
+        )
+    )
+    # one alert per intake, however many entries it rejected
+    alert_webhook.send(
+        alerts.dead_letters(
+            source=streams.imaging_event_stream,
+            destination=streams.dead_letter_stream,
+            reasons=[reason for _, reason in intake.reasons],
+        )
+    )
+
+
+def _sweep(
+    context: SensorEvaluationContext,
+    catalog: Catalog,
+    recovery: SweepReport,
+    handled: set[str],
+    partitions_def: MultiPartitionsDefinition,
+    *,
+    since: datetime,
+) -> list[RunRequest]:
+    """Work nobody will do otherwise: never-tried events whose run request was lost (or
+    whose day had not begun), events claimed by a dead run, failed events due for a
+    retry. One run request per such partition not `handled` by this tick already."""
+    claims = catalog.claims()
+    alive = alive_runs(context.instance, {run_id for _, run_id in claims})
+    orphaned = (
+        catalog.stale_partitions(since)
+        + [partition_key for partition_key, run_id in claims if run_id not in alive]
+        + list(recovery.due)
+    )
+    run_requests = []
+    for partition_key in dict.fromkeys(orphaned):
+        if partition_key in handled or not partitions_def.has_partition_key(partition_key):
+            continue
+        if partition_will_take_new_events(context.instance, partition_key):
+            continue
+        retry = recovery.due.get(partition_key, [])
+        context.log.warning(
+            f"{partition_key}: events nobody is exporting; requesting a run"
+            + (f" (retrying {len(retry)} failed event(s))" if retry else "")
+        )
+        run_requests.append(
+            RunRequest(
+                partition_key=partition_key,
+                # Named failed events are retried; never-tried ones are always taken.
+                run_config={"ops": {"raw_export": {"config": {"ref_ids": retry}}}} if retry else {},
+                tags={"dlm/system": system_of(partition_key), "dlm/trigger": "sweep"},
+            )
+        )
+    return run_requests
+
+
 def _log_recovery(context: SensorEvaluationContext, report: SweepReport) -> None:
     for ref_id, reason in report.gave_up:
         context.log.error(f"{ref_id}: needs attention, {reason}")
@@ -257,12 +310,12 @@ def _log_recovery(context: SensorEvaluationContext, report: SweepReport) -> None
         )
 
 
-def _skip_reason(entries: list, rejected: int, duplicates: list[str]) -> str:
-    if not entries:
+def _skip_reason(counts: Counter[str]) -> str:
+    if not counts["read"]:
         return "no new imaging events"
     return (
-        f"{len(entries)} entr(ies) read, none needs a new run ({rejected} dead-lettered, "
-        f"{len(duplicates)} repeated; others wait for a queued run)"
+        f"{counts['read']} entr(ies) read, none needs a new run ({counts['dead_lettered']} "
+        f"dead-lettered, {counts['repeated']} repeated; others wait for a queued or warm run)"
     )
 
 

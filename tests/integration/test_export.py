@@ -456,6 +456,45 @@ def test_an_idle_tick_waits_for_the_next_entry(
     assert len(result.run_requests) == 1
 
 
+def test_a_tick_records_events_as_they_come_and_returns_when_a_run_is_needed(
+    catalog, object_store, streams, data_root, dagster_instance, root
+) -> None:
+    """While a warm run accepts its partition's events, a tick keeps recording each
+    entry the moment it arrives (the run takes it from the catalog); it returns at
+    once with a run request when an event arrives for a partition without a run."""
+    settings = make_settings(catalog, object_store, streams, data_root, sensor_wait_seconds=8)
+    dlm = build_definitions(settings)
+    warm = dagster_instance.create_run_for_job(
+        job_def=dlm.resolve_implicit_global_asset_job_def(),
+        tags={
+            "dagster/partition": f"{TODAY}|prince",
+            "dagster/partition/system": "prince",
+            ACCEPTING_TAG: "true",
+        },
+        status=DagsterRunStatus.STARTED,
+    )
+    for_warm, for_cold = make_event(root), make_event(root, system="tsu-exp002")
+    recorded_during_tick: list[bool] = []
+
+    def arrive() -> None:
+        publish(streams, for_warm)
+        time.sleep(1.0)
+        recorded_during_tick.append(catalog.get(for_warm["ref_id"]) is not None)
+        publish(streams, for_cold)
+
+    timer = threading.Timer(1.0, arrive)
+    timer.start()
+    started = time.monotonic()
+    result = run_sensor(dlm, dagster_instance)
+    took = time.monotonic() - started
+    timer.join()
+    assert recorded_during_tick == [True]
+    assert [r.partition_key for r in result.run_requests] == [f"{TODAY}|tsu-exp002"]
+    assert 1.9 < took < 5  # returned with the second event, not at the end of its 8 s
+    assert dagster_instance.get_run_by_id(warm.run_id).tags[ACCEPTING_TAG] == "true"
+    assert catalog.get(for_warm["ref_id"]).status == EventStatus.RECEIVED
+
+
 def test_trimmed_stream_raises_an_alarm(dlm, dagster_instance, streams, root) -> None:
     ids = publish(streams, *[make_event(root) for _ in range(3)])
     first = run_sensor(dlm, dagster_instance, cursor=ids[0])
