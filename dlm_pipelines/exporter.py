@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dlm_pipelines.catalog import Catalog, EventRecord, EventStatus
 from dlm_pipelines.events import EventMetadata, EventType, ImagingEvent, InvalidEvent
@@ -116,7 +117,8 @@ class Exporter:
         try:
             event = event_from_record(record)
             source = self.data_root.source(event.system, event.local_path)
-            recorded = self.catalog.manifest(ref_id)
+            # Only an event that has had a key can have been exported (and have a manifest).
+            recorded = self.catalog.manifest(ref_id) if record.object_key else None
             if recorded is not None:
                 # It was exported once: the object may only get better (docs/design.md).
                 unchanged = self._unchanged(record, source, recorded.manifest())
@@ -129,8 +131,7 @@ class Exporter:
                     return ExportOutcome(
                         ref_id, key=record.object_key, error=refusal, permanent=True
                     )
-            key = self._choose_key(record, event)
-            condition = self._write_condition(key, ref_id)
+            key, condition = self._choose_key(record, event)
             if record.attempts:  # only an earlier attempt can have left parts behind
                 self.store.abort_incomplete_uploads(key)
             result = self.store.upload_tar(
@@ -158,9 +159,14 @@ class Exporter:
             return self._failed(ref_id, f"{type(exc).__name__}: {exc}")
         if uploaded_at is None:
             return self._failed(ref_id, "claim lost while uploading (taken over by another run)")
-        verified = self.catalog.get(ref_id)
-        assert verified is not None
-        announce(self.catalog, self.streams, verified)
+        self.streams.announce_export(
+            ref_id=ref_id,
+            sha256=result.sha256,
+            size=result.size,
+            key=f"{self.store.bucket}/{key}",
+            uploaded_at=uploaded_at,
+        )
+        self.catalog.mark_announced(ref_id)
         return ExportOutcome(
             ref_id,
             exported=True,
@@ -202,37 +208,38 @@ class Exporter:
             )
         return None
 
-    def _write_condition(self, key: str, ref_id: str) -> dict[str, str]:
-        """Create the key only if it is free, or replace only the object seen now (ours)."""
-        head = self.store.head(key)
-        if head is None:
-            return {"IfNoneMatch": "*"}
-        owner = self.store.ref_id_of(head)
-        if owner is not None and owner != ref_id:
-            raise RuntimeError(f"{key} holds event {owner}'s object")
-        return {"IfMatch": str(head["ETag"])}
-
     def _failed(self, ref_id: str, error: str, permanent: bool = False) -> ExportOutcome:
         self.catalog.mark_failed(ref_id, self.run_id, error)
         return ExportOutcome(ref_id, error=error, permanent=permanent)
 
-    def _choose_key(self, record: EventRecord, event: ImagingEvent) -> str:
-        """The contract key, or its collision-free variant if another event holds it.
+    def _choose_key(self, record: EventRecord, event: ImagingEvent) -> tuple[str, dict[str, str]]:
+        """The contract key, or its collision-free variant if another event holds it;
+        and the condition of the write, from the one HEAD of it: create the key only if
+        it is free, or replace only the object seen now (ours).
 
         Never overwrites another event's object: the catalog's unique (bucket, key)
-        guards against concurrent DLM exports, the HEAD against objects from elsewhere.
+        guards against concurrent DLM exports, the HEAD and the conditional write
+        against objects from elsewhere.
         """
         if record.object_key and record.bucket == self.store.bucket:
-            return record.object_key
+            head = self.store.head(record.object_key)
+            if head is None or self.store.ref_id_of(head) == record.ref_id:
+                return record.object_key, _write_condition(head)
+            # Another object took the key after an earlier attempt: never replace it.
         for key, collision in ((event.object_key, False), (event.collision_free_key, True)):
             head = self.store.head(key)
             if head is not None and self.store.ref_id_of(head) != event.ref_id:
                 continue
             if self.catalog.assign_key(event.ref_id, self.store.bucket, key, collision=collision):
-                return key
+                return key, _write_condition(head)
         raise RuntimeError(
             f"both {event.object_key} and {event.collision_free_key} are held by other objects"
         )
+
+
+def _write_condition(head: dict[str, Any] | None) -> dict[str, str]:
+    """Write only if the key is still free, or still holds the object `head` saw."""
+    return {"IfNoneMatch": "*"} if head is None else {"IfMatch": str(head["ETag"])}
 
 
 def announce(catalog: Catalog, streams: RedisStreams, record: EventRecord) -> None:

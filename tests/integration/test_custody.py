@@ -199,6 +199,14 @@ def test_a_key_taken_between_head_and_completion_is_not_overwritten(lab) -> None
     key = lab.get(record.ref_id).object_key
     assert key and object_bytes(lab, key) == theirs
 
+    # The retry leaves their object alone and takes the collision-free key.
+    retry = lab.exporter().export(lab.get(record.ref_id), force=False)
+    assert retry.exported and retry.key and retry.key != key
+    assert object_bytes(lab, key) == theirs
+    exported = lab.get(record.ref_id)
+    assert exported.key_collision and exported.object_key == retry.key
+    assert hashlib.sha256(object_bytes(lab, retry.key)).hexdigest() == exported.sha256
+
 
 # --- paths ----------------------------------------------------------------------------------
 
