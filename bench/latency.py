@@ -74,6 +74,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -474,6 +475,7 @@ class PostgresCpu:
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.error: BaseException | None = None
+        self.postmaster: int | None = None
 
     def __enter__(self) -> PostgresCpu:
         self.thread.start()
@@ -489,6 +491,15 @@ class PostgresCpu:
         with self.lock:
             return sum(self.readings.values())
 
+    def server_total(self) -> float:
+        """CPU seconds of every backend the postmaster has reaped, plus its own: an upper
+        bound (the machine's other users too), which counts the backends that lived
+        less than a sample (Dagster's PostgreSQL storage opens one per operation)."""
+        if self.postmaster is None:
+            return math.nan
+        fields = Path(f"/proc/{self.postmaster}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
     def _sample(self) -> None:
         import sqlalchemy as sa
 
@@ -497,6 +508,9 @@ class PostgresCpu:
         ticks = os.sysconf("SC_CLK_TCK")
         try:
             with engine.connect() as conn:
+                backend = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+                parent = Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()[1]
+                self.postmaster = int(parent)  # field 4 of proc(5)
                 while not self.stopped.is_set():
                     pids = conn.execute(query, {"names": self.databases}).scalars().all()
                     for pid in pids:
@@ -521,6 +535,8 @@ class CpuUse:
     stack: float
     postgres: float
     seconds: float
+    roles: dict[str, float] = field(default_factory=dict)
+    postgres_server: float = 0.0  # every backend of the server, the machine's too
 
     @property
     def total(self) -> float:
@@ -528,10 +544,14 @@ class CpuUse:
 
     def note(self, events: int) -> str:
         per = f"{self.total / events:.3f} s per event" if events else "no events"
+        roles = sorted(self.roles.items(), key=lambda item: -item[1])
         return (
             f"CPU: {self.total:.1f} s ({self.total / self.seconds:.2f} cores over "
             f"{self.seconds:.0f} s, {per}): the stack {self.stack:.1f} s, PostgreSQL "
-            f"{self.postgres:.1f} s; load average {os.getloadavg()[0]:.1f}"
+            f"{self.postgres:.1f} s; load average {os.getloadavg()[0]:.1f}\n"
+            f"  by process: {', '.join(f'{k} {v:.1f} s' for k, v in roles)}; "
+            f"every PostgreSQL backend of the server (short-lived ones too, and other "
+            f"users'): {self.postgres_server:.1f} s"
         )
 
 
@@ -616,15 +636,20 @@ class LatencyBench:
 
     def cpu_meter(self) -> Callable[[], CpuUse]:
         """Call the result after a phase: the CPU the stack and PostgreSQL used in it."""
-        stack_before = stack_cpu(self.stack.marker)
+        roles_before = stack_cpu_by_role(self.stack.marker)
         postgres_before = self.postgres_cpu.total()
+        server_before = self.postgres_cpu.server_total()
         started = time.monotonic()
 
         def used() -> CpuUse:
+            now = stack_cpu_by_role(self.stack.marker)
+            roles = {k: now.get(k, 0.0) - roles_before.get(k, 0.0) for k in {*now, *roles_before}}
             return CpuUse(
-                stack=stack_cpu(self.stack.marker) - stack_before,
+                stack=sum(roles.values()),
                 postgres=self.postgres_cpu.total() - postgres_before,
                 seconds=time.monotonic() - started,
+                roles=roles,
+                postgres_server=self.postgres_cpu.server_total() - server_before,
             )
 
         return used
@@ -670,10 +695,27 @@ class LatencyBench:
             raise RuntimeError(f"{broken.name} died; last lines of its log:\n{broken.tail()}")
 
     def warm_up(self) -> None:
-        """One small event through the whole path before anything is timed."""
+        """One small event through the whole path, and the empty-partition sensor's
+        catch-up on a fresh stack (a runless materialisation for each quiet day since
+        the start date: minutes of the daemon's work, once) before anything is timed."""
+        from dagster import AssetKey
+
+        from dlm_pipelines.catalog import utcnow
+        from dlm_pipelines.partitions import days_to_close
+
         published = self.publish_one()
         if not self.wait_verified([published], timeout=240):
             raise RuntimeError(f"the warm-up event was not verified; logs in {self.stack.logs}")
+        closable = days_to_close(None, self.settings.partition_start_date, utcnow(), 10_000)
+        if not closable:
+            return
+        last = {f"{closable[-1].isoformat()}|{system}" for system in self.settings.systems}
+        deadline = time.monotonic() + 600
+        while not last <= self.instance.get_materialized_partitions(AssetKey("raw_export")):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the empty-partition sensor did not catch up in 10 min")
+            self.check_alive()
+            time.sleep(2)
 
     # --- the fixed cost of a run ---
 
@@ -1027,16 +1069,37 @@ def print_phase_table(rows: list[dict[str, float]], medians_only: bool = False) 
 def stack_cpu(marker: str, *, reaped_only: bool = False) -> float:
     """CPU seconds of the stack's processes (not PostgreSQL's), with their reaped
     children (the run workers); `reaped_only`: those children alone."""
+    by_role = stack_cpu_by_role(marker)
+    return by_role[REAPED] if reaped_only else sum(by_role.values())
+
+
+REAPED = "ended children"  # reaped by a stack process: run workers that finished
+ROLES = (  # (a word of the command line, the role), first match wins
+    ("weed", "SeaweedFS"),
+    ("dagster-daemon", "daemon"),
+    ("dagster-webserver", "webserver"),
+    ("api grpc", "code servers"),
+    ("spawn_main", "run workers"),
+    ("dlm_api", "API"),
+)
+
+
+def stack_cpu_by_role(marker: str) -> dict[str, float]:
+    """CPU seconds of the stack's live processes by role, plus what they reaped."""
     from dlm_pipelines.dev.processes import marked_pids
 
-    total = 0
+    ticks = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = defaultdict(float)
     for pid in marked_pids(marker):
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue  # ended meanwhile: it is counted in its parent's children
-        total += sum(int(f) for f in fields[13 if reaped_only else 11 : 15])
-    return total / os.sysconf("SC_CLK_TCK")
+        role = next((name for word, name in ROLES if word in command), "other")
+        used[role] += (int(fields[11]) + int(fields[12])) / ticks
+        used[REAPED] += (int(fields[13]) + int(fields[14])) / ticks
+    return used
 
 
 def counts_at(
