@@ -215,6 +215,7 @@ ONE_PART = {"a.tif": os.urandom(3000), "sub/b.tif": os.urandom(100)}  # one PutO
 UPLOAD_PATHS = pytest.mark.parametrize(
     "files", [ONE_PART, MULTIPART], ids=["single-put", "multipart"]
 )
+NEW = {"IfNoneMatch": "*"}
 
 
 @pytest.fixture
@@ -285,7 +286,7 @@ def test_fallback_writes_a_new_key_after_a_head(
 ) -> None:
     key = "images/exp/20260101/000000.tar"
 
-    result = upload_through(no_conditions, tmp_path, files, key, {"IfNoneMatch": "*"})
+    result = upload_through(no_conditions, tmp_path, files, key, NEW)
 
     assert refused_writes(proxy, "If-None-Match", files) == 1  # the fallback was taken
     assert_is_the_upload(object_store, key, result, files)
@@ -300,7 +301,7 @@ def test_fallback_never_overwrites_an_existing_key(
     put_directly(object_store, key, theirs)
 
     with pytest.raises(VerificationError, match="exists already"):
-        upload_through(no_conditions, tmp_path, files, key, {"IfNoneMatch": "*"})
+        upload_through(no_conditions, tmp_path, files, key, NEW)
 
     assert refused_writes(proxy, "If-None-Match", files) == 1
     assert stored(object_store, key) == theirs
@@ -331,6 +332,41 @@ def test_fallback_replaces_only_the_object_expected(
     assert object_store.head(key) is None
     assert leftovers(object_store, key) == ([], [])
     assert refused_writes(proxy, "If-Match", files) == 3
+
+
+@UPLOAD_PATHS
+def test_fallback_checks_the_key_just_before_the_write_and_sends_the_tar_once(
+    no_conditions, proxy, tmp_path, files
+) -> None:
+    """The HEAD comes right before the write that makes the object appear, not before
+    a second upload of the whole tar: a writer taking the key during a long upload is
+    caught, and a store without conditional writes gets every part once."""
+    calls: list[str] = []
+
+    def record(model: Any, **_: Any) -> None:
+        calls.append(model.name)
+
+    events = no_conditions.client.meta.events
+    events.register("before-call.s3", record)
+    try:
+        upload_through(no_conditions, tmp_path, files, "images/exp/20260101/000003.tar", NEW)
+    finally:
+        events.unregister("before-call.s3", record)
+
+    assert refused_writes(proxy, "If-None-Match", files) == 1
+    if files is ONE_PART:
+        assert calls == ["PutObject", "HeadObject", "PutObject"]
+    else:
+        parts = ["UploadPart"] * 2  # 6 MiB in 5 MiB parts
+        complete = "CompleteMultipartUpload"
+        assert calls == [
+            "CreateMultipartUpload",
+            *parts,
+            complete,
+            "HeadObject",
+            complete,
+            "CopyObject",
+        ]
 
 
 # --- paths ----------------------------------------------------------------------------------
