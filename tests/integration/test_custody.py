@@ -26,7 +26,7 @@ from dlm_pipelines.purge_policy import Why
 from dlm_pipelines.purger import CHANGED_LOCALLY, CONTAINS_OTHERS, UNSAFE_SOURCE
 from dlm_pipelines.resources import ObjectStore
 from dlm_pipelines.resources.object_store import VerificationError
-from tests.integration.helpers import NoConditionalWrites
+from tests.integration.helpers import NoConditionalWrites, untar
 from tests.integration.test_api import AUTH, api_settings
 from tests.integration.test_purge import YOUNG, Lab
 from tests.integration.test_tar_stream import leftovers
@@ -208,8 +208,9 @@ def test_a_key_taken_between_head_and_completion_is_not_overwritten(lab) -> None
 
 # --- stores without conditional writes: the HEAD fallback --------------------------------
 # Where a store answers 501 NotImplemented to If-None-Match / If-Match, ObjectStore
-# HEADs the key just before an unconditional write. The proxy is such a store in front
-# of the test's SeaweedFS bucket; `object_store` reaches the bucket directly.
+# HEADs the key, then makes the same write without the condition. The proxy is such a
+# store in front of the test's SeaweedFS bucket; `object_store` reaches it directly.
+# Run them: uv run pytest tests/integration/test_custody.py -k fallback
 
 ONE_PART = {"a.tif": os.urandom(3000), "sub/b.tif": os.urandom(100)}  # one PutObject
 UPLOAD_PATHS = pytest.mark.parametrize(
@@ -367,6 +368,28 @@ def test_fallback_checks_the_key_just_before_the_write_and_sends_the_tar_once(
             complete,
             "CopyObject",
         ]
+
+
+def test_fallback_exports_and_reexports_on_a_store_without_conditional_writes(
+    catalog, no_conditions, proxy, streams, data_root
+) -> None:
+    """The exporter end to end: a new key (If-None-Match), then a forced re-export of
+    a grown tree replacing its own object (If-Match), both verified in the catalog."""
+    lab = Lab(catalog, no_conditions, streams, Path(data_root.path))
+    record = lab.add_exported(files=MULTIPART)
+    assert record.object_key and record.status == EventStatus.VERIFIED
+    (lab.source(record) / "more.tif").write_bytes(b"a superset")
+
+    outcome = lab.exporter("forced").export(record, force=True)
+
+    assert outcome.exported, outcome
+    after = lab.get(record.ref_id)
+    assert after.status == EventStatus.VERIFIED and after.etag != record.etag
+    assert after.etag == no_conditions.head(record.object_key)["ETag"]
+    body = object_bytes(lab, record.object_key)
+    assert hashlib.sha256(body).hexdigest() == after.sha256
+    assert untar(body)["./more.tif"] == b"a superset"
+    assert [r.rsplit(" ", 1)[1] for r in proxy.refused] == ["If-None-Match", "If-Match"]
 
 
 # --- paths ----------------------------------------------------------------------------------
