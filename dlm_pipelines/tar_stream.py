@@ -31,6 +31,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from botocore.exceptions import ClientError
+
 from dlm_pipelines.manifest import Manifest, ManifestRecorder
 
 TAR_COPY_BUFSIZE = 1 << 20  # read source files in 1 MiB chunks
@@ -126,14 +128,19 @@ class _MultipartWriter:
                 self._send_part()
 
     # the upload
-    def complete(self, condition: dict[str, str] | None = None) -> str:
+    def complete(
+        self,
+        condition: dict[str, str] | None = None,
+        fallback_check: Callable[[], None] | None = None,
+    ) -> str:
         """Send the last part and complete the upload; returns the object's ETag.
 
         `condition`: `IfNoneMatch`/`IfMatch` for the completing request, so the object
-        appears only if the key is (still) what the caller expects.
+        appears only if the key is (still) what the caller expects. `fallback_check`:
+        see `upload_tar`.
         """
         if not self._parts and self._sha256_metadata_key is not None:
-            return self._put_whole(condition)
+            return self._put_whole(condition, fallback_check)
         if self._filled or not self._parts:
             self._send_part(last=True)
         wait(self._parts)
@@ -141,15 +148,19 @@ class _MultipartWriter:
         self._hasher.shutdown()  # every update has run: the sha256 is final
         self._senders.shutdown()
         parts = [part.result() for part in self._parts]
-        response = self._client.complete_multipart_upload(
+        response = _write(
+            self._client.complete_multipart_upload,
+            condition,
+            fallback_check,
             **self._target,
             UploadId=self._upload_id,
             MultipartUpload={"Parts": parts},
-            **(condition or {}),
         )
         return str(response["ETag"])
 
-    def _put_whole(self, condition: dict[str, str] | None) -> str:
+    def _put_whole(
+        self, condition: dict[str, str] | None, fallback_check: Callable[[], None] | None
+    ) -> str:
         """The whole tar is in the first buffer: one PutObject with its sha256."""
         assert self._sha256_metadata_key is not None
         self._hasher.shutdown()
@@ -157,13 +168,15 @@ class _MultipartWriter:
         body = bytes(self._view[: self._filled])
         self.sha256.update(body)
         digest = self.sha256.digest()
-        response = self._client.put_object(
+        response = _write(
+            self._client.put_object,
+            condition,
+            fallback_check,
             **self._target,
             Body=body,
             Metadata={**self._object_metadata, self._sha256_metadata_key: digest.hex()},
             ContentType="application/x-tar",
             ChecksumSHA256=base64.b64encode(digest).decode(),  # the server verifies it
-            **(condition or {}),
         )
         self.single_put = True
         if self._on_progress is not None:
@@ -247,6 +260,26 @@ class _MultipartWriter:
 
 class _Aborted(Exception):
     """A part not sent because another one failed first."""
+
+
+def _write(
+    request: Callable[..., Any],
+    condition: dict[str, str] | None,
+    fallback_check: Callable[[], None] | None,
+    **arguments: Any,
+) -> Any:
+    """The write that makes the object appear, with `condition`. Where the store answers
+    NotImplemented to the condition, `fallback_check` (raising if the write must not
+    happen) and the same write without it: the upload's parts and body are reused."""
+    if not condition:
+        return request(**arguments)
+    try:
+        return request(**arguments, **condition)
+    except ClientError as exc:
+        if fallback_check is None or exc.response.get("Error", {}).get("Code") != "NotImplemented":
+            raise
+    fallback_check()
+    return request(**arguments)
 
 
 def estimate_tar_size(source: Path) -> int:
@@ -362,15 +395,19 @@ def upload_tar(
     part_concurrency: int,
     on_progress: Callable[[int], None] | None = None,
     condition: dict[str, str] | None = None,
+    fallback_check: Callable[[], None] | None = None,
     sha256_metadata_key: str | None = None,
 ) -> UploadResult:
     """Tar `source` into `s3://bucket/key`; returns the size, sha256 and ETag of the
     tar and the manifest of what went into it.
 
     `condition` makes the write conditional (`{"IfNoneMatch": "*"}`: only if the key
-    is free). On any error the multipart upload is aborted, so no partial object is
-    left behind. With `sha256_metadata_key`, a tar no larger than one part goes up as
-    one PutObject carrying its sha256 under that metadata key (`sha256_in_metadata`).
+    is free). Where the store answers NotImplemented to it, `fallback_check` runs
+    right before the same write is made unconditionally (once every part is sent, so
+    nothing is sent twice); it raises if the write must not happen. On any error the
+    multipart upload is aborted, so no partial object is left behind. With
+    `sha256_metadata_key`, a tar no larger than one part goes up as one PutObject
+    carrying its sha256 under that metadata key (`sha256_in_metadata`).
     """
     started = time.monotonic()
     writer = _MultipartWriter(
@@ -386,7 +423,7 @@ def upload_tar(
     recorder = ManifestRecorder()
     try:
         write_tar(source, metadata, writer, recorder)
-        etag = writer.complete(condition)
+        etag = writer.complete(condition, fallback_check)
     except BaseException as failure:
         writer.abort(failure)
         raise

@@ -11,7 +11,7 @@ enough for parallel part uploads, and timeouts, none of which dagster-aws's
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,9 @@ class ObjectStore(ResourceWithS3Configuration):
 
         `condition` (`{"IfNoneMatch": "*"}` for a free key, `{"IfMatch": etag}` to
         replace exactly that object) makes the write conditional; where the store
-        answers NotImplemented, a HEAD checks the same just before an unconditional try.
+        answers NotImplemented, a HEAD checks the same just before the write is made
+        unconditionally (after the last part: the window is one round trip, not the
+        whole upload, and nothing is sent twice).
         """
         arguments: dict[str, Any] = {
             "source": source,
@@ -109,14 +111,10 @@ class ObjectStore(ResourceWithS3Configuration):
             "part_concurrency": self.part_concurrency,
             "on_progress": on_progress,
             "sha256_metadata_key": SHA256_META,
+            "condition": condition,
+            "fallback_check": partial(self._check_by_head, key, condition) if condition else None,
         }
-        try:
-            result = upload_tar(self.client, condition=condition, **arguments)
-        except ClientError as exc:
-            if not condition or exc.response.get("Error", {}).get("Code") != "NotImplemented":
-                raise
-            self._check_by_head(key, condition)
-            result = upload_tar(self.client, **arguments)
+        result = upload_tar(self.client, **arguments)
         if result.sha256_in_metadata:  # a one-part tar: put whole, with its sha256
             return result
         # The sha256 is known only once the last byte is sent: add it to the object's

@@ -1,14 +1,22 @@
-"""Test helpers: imaging events in the legacy wire format, and their source folders."""
+"""Test helpers: imaging events in the legacy wire format, and their source folders;
+an S3 store without conditional writes."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.client
 import io
 import os
+import socket
 import tarfile
+import threading
+import urllib.parse
 import uuid
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import load_fixture
 
@@ -127,3 +135,140 @@ def materialize_requests(defs, instance, result) -> list:
         materialize_partition(defs, instance, r.partition_key, r.run_config, r.tags)
         for r in result.run_requests or []
     ]
+
+
+# --- an S3 store without conditional writes ----------------------------------------------
+
+NOT_IMPLEMENTED = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n'
+    b"<Error><Code>NotImplemented</Code>"
+    b"<Message>A header you provided implies functionality that is not implemented</Message>"
+    b"</Error>"
+)
+CONDITIONAL_HEADERS = ("If-None-Match", "If-Match")
+# Headers about one connection, not the request. `Expect: 100-continue` is answered by
+# the proxy itself (it has the whole body before it forwards); botocore never signs it.
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "upgrade", "expect"}
+
+
+class NoConditionalWrites(ThreadingHTTPServer):
+    """A loopback reverse proxy in front of an S3 store, for a store that lacks
+    conditional writes: every request goes upstream unchanged (method, path and query,
+    headers including Host, so SigV4 still verifies, and the body as sent), except that
+    a request carrying If-None-Match or If-Match gets 501 NotImplemented instead.
+
+    `refused` lists those requests ("METHOD /path?query If-...") so a test can prove
+    the fallback was taken. Use as a context manager; `url` is the endpoint to give S3
+    clients.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, upstream_url: str) -> None:
+        upstream = urllib.parse.urlsplit(upstream_url)
+        assert upstream.scheme == "http" and upstream.hostname and upstream.port
+        self.upstream = (upstream.hostname, upstream.port)
+        self.refused: list[str] = []
+        self.forwarded = 0
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+    def __enter__(self) -> NoConditionalWrites:
+        threading.Thread(
+            target=self.serve_forever, args=(0.05,), name="s3-proxy", daemon=True
+        ).start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.shutdown()
+        self.server_close()
+        with self._lock:  # end the kept-alive connections the clients still hold
+            for connection in self._connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def note(self, refused: str | None) -> None:
+        with self._lock:
+            if refused is None:
+                self.forwarded += 1
+            else:
+                self.refused.append(refused)
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as S3 clients expect; 100 Continue
+    server: NoConditionalWrites
+
+    def relay(self) -> None:
+        body = self._read_body()
+        conditional = [name for name in CONDITIONAL_HEADERS if name in self.headers]
+        if conditional:
+            self.server.note(f"{self.command} {self.path} {' '.join(conditional)}")
+            length = str(len(NOT_IMPLEMENTED))
+            headers = [("Content-Type", "application/xml"), ("Content-Length", length)]
+            self._answer(501, headers, NOT_IMPLEMENTED)
+            return
+        upstream = http.client.HTTPConnection(*self.server.upstream, timeout=120)
+        try:
+            # as received: no Host or Accept-Encoding of http.client's own
+            upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+            for name, value in self.headers.items():
+                if name.lower() not in HOP_BY_HOP:
+                    upstream.putheader(name, value)
+            upstream.endheaders(body or None)
+            response = upstream.getresponse()
+            content = response.read()  # de-chunked if the store chunked it
+        finally:
+            upstream.close()
+        headers = [
+            (name, value)
+            for name, value in response.getheaders()
+            if name.lower() not in HOP_BY_HOP | {"transfer-encoding"}
+        ]
+        if "Content-Length" not in response.headers:  # chunked, or ended by closing
+            headers.append(("Content-Length", str(len(content))))
+        self.server.note(None)
+        self._answer(response.status, headers, content)
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = relay
+
+    def _read_body(self) -> bytes:
+        """The request body exactly as sent (a chunked one with its chunk framing)."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raw = bytearray()
+            while True:
+                line = self.rfile.readline(65537)
+                raw += line
+                size = int(line.split(b";", 1)[0], 16)
+                if size == 0:
+                    break
+                raw += self.rfile.read(size + 2)  # the chunk and its CRLF
+            while True:  # trailers, then the empty line
+                line = self.rfile.readline(65537)
+                raw += line
+                if line in (b"\r\n", b"\n", b""):
+                    return bytes(raw)
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _answer(self, status: int, headers: list[tuple[str, str]], content: bytes) -> None:
+        self.send_response_only(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(content)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass

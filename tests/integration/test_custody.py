@@ -10,6 +10,8 @@ import os
 import shutil
 import subprocess
 import tarfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,12 @@ from dlm_pipelines.catalog import EVENTS, MANIFESTS, EventStatus
 from dlm_pipelines.manifest_backfill import backfill
 from dlm_pipelines.purge_policy import Why
 from dlm_pipelines.purger import CHANGED_LOCALLY, CONTAINS_OTHERS, UNSAFE_SOURCE
+from dlm_pipelines.resources import ObjectStore
+from dlm_pipelines.resources.object_store import VerificationError
+from tests.integration.helpers import NoConditionalWrites, untar
 from tests.integration.test_api import AUTH, api_settings
 from tests.integration.test_purge import YOUNG, Lab
+from tests.integration.test_tar_stream import leftovers
 
 pytestmark = pytest.mark.integration
 OLD_MTIME = 1_600_000_000  # 2020: what `cp -p`, `rsync -a` or a lagging file server leave
@@ -206,6 +212,192 @@ def test_a_key_taken_between_head_and_completion_is_not_overwritten(lab) -> None
     exported = lab.get(record.ref_id)
     assert exported.key_collision and exported.object_key == retry.key
     assert hashlib.sha256(object_bytes(lab, retry.key)).hexdigest() == exported.sha256
+
+
+# --- stores without conditional writes: the HEAD fallback --------------------------------
+# Where a store answers 501 NotImplemented to If-None-Match / If-Match, ObjectStore
+# HEADs the key, then makes the same write without the condition. The proxy is such a
+# store in front of the test's SeaweedFS bucket; `object_store` reaches it directly.
+# Run them: uv run pytest tests/integration/test_custody.py -k fallback
+
+ONE_PART = {"a.tif": os.urandom(3000), "sub/b.tif": os.urandom(100)}  # one PutObject
+UPLOAD_PATHS = pytest.mark.parametrize(
+    "files", [ONE_PART, MULTIPART], ids=["single-put", "multipart"]
+)
+NEW = {"IfNoneMatch": "*"}
+
+
+@pytest.fixture
+def proxy(object_store) -> Iterator[NoConditionalWrites]:
+    with NoConditionalWrites(object_store.endpoint_url) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def no_conditions(object_store, proxy) -> ObjectStore:
+    """The test's bucket, through the proxy."""
+    return ObjectStore(
+        bucket=object_store.bucket,
+        endpoint_url=proxy.url,
+        part_size_mib=object_store.part_size_mib,
+    )
+
+
+def upload_through(
+    store: ObjectStore, tmp_path: Path, files: dict[str, bytes], key: str, condition: dict
+) -> Any:
+    source = tmp_path / uuid.uuid4().hex
+    for name, data in files.items():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes(data)
+    return store.upload_tar(
+        source=source,
+        metadata={"ref_id": "r1", "timestamp": "2026-01-01T00:00:00+00:00"},
+        key=key,
+        ref_id="r1",
+        condition=condition,
+    )
+
+
+def stored(store: ObjectStore, key: str) -> bytes:
+    return bytes(store.client.get_object(Bucket=store.bucket, Key=key)["Body"].read())
+
+
+def put_directly(store: ObjectStore, key: str, data: bytes) -> str:
+    """Another writer, straight to SeaweedFS; returns the new object's ETag."""
+    return str(store.client.put_object(Bucket=store.bucket, Key=key, Body=data)["ETag"])
+
+
+def assert_is_the_upload(store: ObjectStore, key: str, result: Any, files: dict) -> None:
+    """The object holds exactly the uploaded tar, its sha256 recorded, nothing left open."""
+    assert result.sha256_in_metadata == (files is ONE_PART)  # the path the case is about
+    body = stored(store, key)
+    assert (len(body), hashlib.sha256(body).hexdigest()) == (result.size, result.sha256)
+    store.verify_object(key, size=result.size, sha256=result.sha256, ref_id="r1")
+    assert leftovers(store, key) == ([key], [])
+
+
+def refused_writes(proxy: NoConditionalWrites, header: str, files: dict) -> int:
+    """How many conditional writes the proxy refused; each the write the path makes."""
+    for refused in proxy.refused:
+        method, path, headers = refused.split(" ", 2)
+        if files is ONE_PART:
+            assert (method, "?" in path) == ("PUT", False), refused  # PutObject
+        else:
+            assert method == "POST" and "?uploadId=" in path, refused  # CompleteMultipartUpload
+        assert headers == header, refused
+    return len(proxy.refused)
+
+
+@UPLOAD_PATHS
+def test_fallback_writes_a_new_key_after_a_head(
+    object_store, no_conditions, proxy, tmp_path, files
+) -> None:
+    key = "images/exp/20260101/000000.tar"
+
+    result = upload_through(no_conditions, tmp_path, files, key, NEW)
+
+    assert refused_writes(proxy, "If-None-Match", files) == 1  # the fallback was taken
+    assert_is_the_upload(object_store, key, result, files)
+
+
+@UPLOAD_PATHS
+def test_fallback_never_overwrites_an_existing_key(
+    object_store, no_conditions, proxy, tmp_path, files
+) -> None:
+    key = "images/exp/20260101/000001.tar"
+    theirs = os.urandom(4000)
+    put_directly(object_store, key, theirs)
+
+    with pytest.raises(VerificationError, match="exists already"):
+        upload_through(no_conditions, tmp_path, files, key, NEW)
+
+    assert refused_writes(proxy, "If-None-Match", files) == 1
+    assert stored(object_store, key) == theirs
+    assert leftovers(object_store, key) == ([key], [])  # the refused upload aborted
+
+
+@UPLOAD_PATHS
+def test_fallback_replaces_only_the_object_expected(
+    object_store, no_conditions, proxy, tmp_path, files
+) -> None:
+    key = "images/exp/20260101/000002.tar"
+    seen = put_directly(object_store, key, os.urandom(4000))
+    theirs = os.urandom(4000)
+    current = put_directly(object_store, key, theirs)  # replaced after we saw it
+    assert current != seen
+
+    with pytest.raises(VerificationError, match="no longer the object expected"):
+        upload_through(no_conditions, tmp_path, files, key, {"IfMatch": seen})
+    assert stored(object_store, key) == theirs
+    assert leftovers(object_store, key) == ([key], [])
+
+    result = upload_through(no_conditions, tmp_path, files, key, {"IfMatch": current})
+    assert_is_the_upload(object_store, key, result, files)
+
+    object_store.client.delete_object(Bucket=object_store.bucket, Key=key)  # gone meanwhile
+    with pytest.raises(VerificationError, match="no longer the object expected"):
+        upload_through(no_conditions, tmp_path, files, key, {"IfMatch": result.etag})
+    assert object_store.head(key) is None
+    assert leftovers(object_store, key) == ([], [])
+    assert refused_writes(proxy, "If-Match", files) == 3
+
+
+@UPLOAD_PATHS
+def test_fallback_checks_the_key_just_before_the_write_and_sends_the_tar_once(
+    no_conditions, proxy, tmp_path, files
+) -> None:
+    """The HEAD comes right before the write that makes the object appear, not before
+    a second upload of the whole tar: a writer taking the key during a long upload is
+    caught, and a store without conditional writes gets every part once."""
+    calls: list[str] = []
+
+    def record(model: Any, **_: Any) -> None:
+        calls.append(model.name)
+
+    events = no_conditions.client.meta.events
+    events.register("before-call.s3", record)
+    try:
+        upload_through(no_conditions, tmp_path, files, "images/exp/20260101/000003.tar", NEW)
+    finally:
+        events.unregister("before-call.s3", record)
+
+    assert refused_writes(proxy, "If-None-Match", files) == 1
+    if files is ONE_PART:
+        assert calls == ["PutObject", "HeadObject", "PutObject"]
+    else:
+        parts = ["UploadPart"] * 2  # 6 MiB in 5 MiB parts
+        complete = "CompleteMultipartUpload"
+        assert calls == [
+            "CreateMultipartUpload",
+            *parts,
+            complete,
+            "HeadObject",
+            complete,
+            "CopyObject",
+        ]
+
+
+def test_fallback_exports_and_reexports_on_a_store_without_conditional_writes(
+    catalog, no_conditions, proxy, streams, data_root
+) -> None:
+    """The exporter end to end: a new key (If-None-Match), then a forced re-export of
+    a grown tree replacing its own object (If-Match), both verified in the catalog."""
+    lab = Lab(catalog, no_conditions, streams, Path(data_root.path))
+    record = lab.add_exported(files=MULTIPART)
+    assert record.object_key and record.status == EventStatus.VERIFIED
+    (lab.source(record) / "more.tif").write_bytes(b"a superset")
+
+    outcome = lab.exporter("forced").export(record, force=True)
+
+    assert outcome.exported, outcome
+    after = lab.get(record.ref_id)
+    assert after.status == EventStatus.VERIFIED and after.etag != record.etag
+    assert after.etag == no_conditions.head(record.object_key)["ETag"]
+    body = object_bytes(lab, record.object_key)
+    assert hashlib.sha256(body).hexdigest() == after.sha256
+    assert untar(body)["./more.tif"] == b"a superset"
+    assert [r.rsplit(" ", 1)[1] for r in proxy.refused] == ["If-None-Match", "If-Match"]
 
 
 # --- paths ----------------------------------------------------------------------------------
