@@ -304,7 +304,15 @@ def export_partition(
             return len(new)
 
         def poll() -> int:
-            return take(exporter.catalog.in_partition(partition_key, [EventStatus.RECEIVED]))
+            waiting = exporter.catalog.ref_ids_in_partition(
+                partition_key, EventStatus.RECEIVED.value
+            )
+            new = [ref_id for ref_id in waiting if ref_id not in taken]
+            if not new:
+                return 0
+            return take(
+                sorted(exporter.catalog.get_many(new), key=lambda r: (r.timestamp, r.ref_id))
+            )
 
         take(records)
         accepting = linger is not None

@@ -45,6 +45,7 @@ from dlm_pipelines.settings import Settings
 from dlm_pipelines.stream_retention import stream_id_key, trim_streams
 
 INITIAL_CURSOR = "0-0"
+ROUND_SECONDS = 0.05  # a tick's intake rounds, once it watches the stream
 # Every raw_export run carries this tag (multi-partition runs get one per dimension).
 SYSTEM_PARTITION_TAG = "dagster/partition/system"
 
@@ -169,10 +170,12 @@ def build_imaging_event_sensor(
         # Until the budget is spent, record each entry as it comes (a warm run of its
         # partition takes it from the catalog); return at once when a run is needed.
         while not run_requests and (remaining := deadline - time.monotonic()) > 0:
-            if len(entries) < settings.sensor_batch_size and not streams.wait_for_imaging_events(
-                cursor, remaining
-            ):
-                break
+            if len(entries) < settings.sensor_batch_size:
+                if not streams.wait_for_imaging_events(cursor, remaining):
+                    break
+                # Entries come one by one: gather a round's worth, so that each round's
+                # catalog and run queries serve several events when they come fast.
+                time.sleep(min(ROUND_SECONDS, max(0.0, deadline - time.monotonic())))
             entries = streams.read_imaging_events(cursor, settings.sensor_batch_size)
             cursor = entries[-1][0] if entries else cursor
             run_requests = requests_for(take(entries), {})
