@@ -19,6 +19,8 @@ from dlm_pipelines.catalog import Catalog, EventRecord, EventStatus
 from dlm_pipelines.events import EventMetadata, EventType, ImagingEvent, InvalidEvent
 from dlm_pipelines.manifest import Manifest, compare, scan
 from dlm_pipelines.resources import DataRoot, ObjectStore, RedisStreams
+from dlm_pipelines.resources.object_store import KeyTaken
+from dlm_pipelines.tar_stream import UploadResult
 
 
 @dataclass(frozen=True)
@@ -131,17 +133,18 @@ class Exporter:
                     return ExportOutcome(
                         ref_id, key=record.object_key, error=refusal, permanent=True
                     )
-            key, condition = self._choose_key(record, event)
+            recorded_key = record.object_key if record.bucket == self.store.bucket else None
+            key, condition = self._choose_key(event, recorded_key, look=False)
             if record.attempts:  # only an earlier attempt can have left parts behind
                 self.store.abort_incomplete_uploads(key)
-            result = self.store.upload_tar(
-                source=source,
-                metadata=event.tar_metadata(),
-                key=key,
-                ref_id=ref_id,
-                condition=condition,
-                on_progress=self.progress.sent if self.progress else None,
-            )
+            try:
+                result = self._upload(event, source, key, condition)
+            except KeyTaken:
+                if condition != FREE_KEY:
+                    raise
+                # Not free after all (an object from elsewhere): choose by looking.
+                key, condition = self._choose_key(event, key)
+                result = self._upload(event, source, key, condition)
             etag = self.store.verify_object(
                 key, size=result.size, sha256=result.sha256, ref_id=ref_id
             )
@@ -212,20 +215,39 @@ class Exporter:
         self.catalog.mark_failed(ref_id, self.run_id, error)
         return ExportOutcome(ref_id, error=error, permanent=permanent)
 
-    def _choose_key(self, record: EventRecord, event: ImagingEvent) -> tuple[str, dict[str, str]]:
-        """The contract key, or its collision-free variant if another event holds it;
-        and the condition of the write, from the one HEAD of it: create the key only if
-        it is free, or replace only the object seen now (ours).
+    def _upload(
+        self, event: ImagingEvent, source: Path, key: str, condition: dict[str, str]
+    ) -> UploadResult:
+        return self.store.upload_tar(
+            source=source,
+            metadata=event.tar_metadata(),
+            key=key,
+            ref_id=event.ref_id,
+            condition=condition,
+            on_progress=self.progress.sent if self.progress else None,
+        )
+
+    def _choose_key(
+        self, event: ImagingEvent, recorded_key: str | None, *, look: bool = True
+    ) -> tuple[str, dict[str, str]]:
+        """The contract key, or its collision-free variant if another object holds it;
+        and the condition of the write: create the key only if it is free, or replace
+        only the object a HEAD saw (ours).
 
         Never overwrites another event's object: the catalog's unique (bucket, key)
-        guards against concurrent DLM exports, the HEAD and the conditional write
-        against objects from elsewhere.
+        guards against concurrent DLM exports, the conditional write against objects
+        from elsewhere. A first choice (`look=False`, no key recorded) needs no HEAD:
+        the write fails if the key is taken, and the caller then looks.
         """
-        if record.object_key and record.bucket == self.store.bucket:
-            head = self.store.head(record.object_key)
-            if head is None or self.store.ref_id_of(head) == record.ref_id:
-                return record.object_key, _write_condition(head)
+        if recorded_key:
+            head = self.store.head(recorded_key)
+            if head is None or self.store.ref_id_of(head) == event.ref_id:
+                return recorded_key, _write_condition(head)
             # Another object took the key after an earlier attempt: never replace it.
+        elif not look and self.catalog.assign_key(
+            event.ref_id, self.store.bucket, event.object_key, collision=False
+        ):
+            return event.object_key, FREE_KEY
         for key, collision in ((event.object_key, False), (event.collision_free_key, True)):
             head = self.store.head(key)
             if head is not None and self.store.ref_id_of(head) != event.ref_id:
@@ -237,9 +259,12 @@ class Exporter:
         )
 
 
+FREE_KEY = {"IfNoneMatch": "*"}
+
+
 def _write_condition(head: dict[str, Any] | None) -> dict[str, str]:
     """Write only if the key is still free, or still holds the object `head` saw."""
-    return {"IfNoneMatch": "*"} if head is None else {"IfMatch": str(head["ETag"])}
+    return FREE_KEY if head is None else {"IfMatch": str(head["ETag"])}
 
 
 def announce(catalog: Catalog, streams: RedisStreams, record: EventRecord) -> None:

@@ -32,6 +32,15 @@ class VerificationError(RuntimeError):
     """The stored object does not match what was uploaded or what the catalog says."""
 
 
+class KeyTaken(VerificationError):
+    """A conditional write was refused: the key is not (or no longer) what the
+    writer expected. Nothing was written."""
+
+
+# What stores answer to a refused If-None-Match / If-Match.
+REFUSED_CONDITION_CODES = ("PreconditionFailed", "412", "ConditionalRequestConflict")
+
+
 MAX_POOL_CONNECTIONS = 64  # parts in flight across the events a run exports at once
 
 
@@ -114,7 +123,12 @@ class ObjectStore(ResourceWithS3Configuration):
             "condition": condition,
             "fallback_check": partial(self._check_by_head, key, condition) if condition else None,
         }
-        result = upload_tar(self.client, **arguments)
+        try:
+            result = upload_tar(self.client, **arguments)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in REFUSED_CONDITION_CODES:
+                raise KeyTaken(f"s3://{self.bucket}/{key}: {exc}") from exc
+            raise
         if result.sha256_in_metadata:  # a one-part tar: put whole, with its sha256
             return result
         # The sha256 is known only once the last byte is sent: add it to the object's
@@ -147,9 +161,9 @@ class ObjectStore(ResourceWithS3Configuration):
     def _check_by_head(self, key: str, condition: dict[str, str]) -> None:
         head = self.head(key)
         if "IfNoneMatch" in condition and head is not None:
-            raise VerificationError(f"s3://{self.bucket}/{key} exists already")
+            raise KeyTaken(f"s3://{self.bucket}/{key} exists already")
         if "IfMatch" in condition and (head is None or head["ETag"] != condition["IfMatch"]):
-            raise VerificationError(f"s3://{self.bucket}/{key} is no longer the object expected")
+            raise KeyTaken(f"s3://{self.bucket}/{key} is no longer the object expected")
 
     def verify_object(
         self,

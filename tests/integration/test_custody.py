@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 
 from dlm_api.app import create_app
 from dlm_pipelines.catalog import EVENTS, MANIFESTS, EventStatus
+from dlm_pipelines.exporter import event_from_record
 from dlm_pipelines.manifest_backfill import backfill
 from dlm_pipelines.purge_policy import Why
 from dlm_pipelines.purger import CHANGED_LOCALLY, CONTAINS_OTHERS, UNSAFE_SOURCE
@@ -184,15 +185,18 @@ def test_a_writer_between_upload_and_copy_is_never_described_by_our_sha256(lab) 
     assert object_bytes(lab, after.object_key) == theirs
 
 
-def test_a_key_taken_between_head_and_completion_is_not_overwritten(lab) -> None:
+def test_a_key_taken_before_completion_is_not_overwritten(lab) -> None:
     record = lab.add(files=MULTIPART)
     theirs = os.urandom(4000)
     writer = other_client(lab)
+    taken: list[str] = []
 
     def write_before_complete(params: dict[str, Any], **_: Any) -> None:
-        writer.put_object(Bucket=params["Bucket"], Key=params["Key"], Body=theirs)
+        if not taken:  # once: the first key the exporter tries
+            taken.append(params["Key"])
+            writer.put_object(Bucket=params["Bucket"], Key=params["Key"], Body=theirs)
 
-    # after the exporter found the key free, before its upload completes
+    # after the exporter chose the key, before its upload completes
     hook = "provide-client-params.s3.CompleteMultipartUpload"
     events = lab.store.client.meta.events
     events.register(hook, write_before_complete)
@@ -201,17 +205,34 @@ def test_a_key_taken_between_head_and_completion_is_not_overwritten(lab) -> None
     finally:
         events.unregister(hook, write_before_complete)
 
-    assert not outcome.exported and outcome.error and "PreconditionFailed" in outcome.error
-    key = lab.get(record.ref_id).object_key
-    assert key and object_bytes(lab, key) == theirs
-
-    # The retry leaves their object alone and takes the collision-free key.
-    retry = lab.exporter().export(lab.get(record.ref_id), force=False)
-    assert retry.exported and retry.key and retry.key != key
-    assert object_bytes(lab, key) == theirs
+    # The completion was refused; the export moved to the collision-free key.
+    assert outcome.exported and outcome.key and taken and outcome.key != taken[0]
+    assert object_bytes(lab, taken[0]) == theirs
     exported = lab.get(record.ref_id)
-    assert exported.key_collision and exported.object_key == retry.key
-    assert hashlib.sha256(object_bytes(lab, retry.key)).hexdigest() == exported.sha256
+    assert exported.key_collision and exported.object_key == outcome.key
+    assert hashlib.sha256(object_bytes(lab, outcome.key)).hexdigest() == exported.sha256
+
+
+def test_a_retry_never_replaces_an_object_that_took_its_key(lab) -> None:
+    """An earlier attempt recorded the key and died; an outside writer took the key
+    since. The retry leaves their object alone and takes the collision-free key."""
+    record = lab.add(files=MULTIPART)
+    event = event_from_record(record)
+    assert lab.catalog.claim(record.ref_id, "killed-run", force=False, run_is_alive=bool)
+    assert lab.catalog.assign_key(
+        record.ref_id, lab.store.bucket, event.object_key, collision=False
+    )
+    lab.catalog.mark_failed(record.ref_id, "killed-run", "the run worker was killed")
+    theirs = os.urandom(4000)
+    other_client(lab).put_object(Bucket=lab.store.bucket, Key=event.object_key, Body=theirs)
+
+    outcome = lab.exporter().export(lab.get(record.ref_id), force=False)
+
+    assert outcome.exported and outcome.key == event.collision_free_key
+    assert object_bytes(lab, event.object_key) == theirs
+    exported = lab.get(record.ref_id)
+    assert exported.key_collision and exported.object_key == outcome.key
+    assert hashlib.sha256(object_bytes(lab, outcome.key)).hexdigest() == exported.sha256
 
 
 # --- stores without conditional writes: the HEAD fallback --------------------------------
