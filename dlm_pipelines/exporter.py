@@ -288,14 +288,16 @@ class Linger:
     The run polls the catalog, where the sensor records new events, until it has
     been idle for `idle_seconds`, has run for `max_seconds`, or another run of its
     system waits. Then it calls `stop_accepting` (after which the sensor requests a
-    new run for new events) and takes what arrived up to that moment, so that an
-    event is never left between the two.
+    new run for new events) and keeps taking what arrives for `grace_seconds` (the
+    sensor acts on an answer up to a second old), so that an event is never left
+    between the two.
     """
 
     idle_seconds: float
     max_seconds: float
     stop_accepting: Callable[[], None]
     others_waiting: Callable[[], bool]
+    grace_seconds: float
     poll_seconds: float = 0.2
     others_every_seconds: float = 2.0
 
@@ -341,6 +343,7 @@ def export_partition(
 
         take(records)
         accepting = linger is not None
+        closing_until: float | None = None  # after the stop, polling for the grace
         try:
             now = time.monotonic()
             next_beat, last_active, next_others = now + heartbeat_seconds, now, now
@@ -366,12 +369,16 @@ def export_partition(
                     ):
                         linger.stop_accepting()
                         accepting = False
-                        poll()  # what the sensor recorded before it saw us stop
-                    pending = [f for f in futures if not f.done()]
-                if not accepting and not pending:
+                        closing_until = time.monotonic() + linger.grace_seconds
+                elif closing_until is not None:
+                    poll()  # what the sensor recorded before it saw us stop
+                    if now >= closing_until:
+                        closing_until = None  # that was the last poll
+                pending = [f for f in futures if not f.done()]
+                if not accepting and closing_until is None and not pending:
                     break
                 step = max(0.0, next_beat - now)
-                if linger is not None and accepting:
+                if linger is not None and (accepting or closing_until is not None):
                     step = min(step, linger.poll_seconds)
                 if pending:
                     wait(pending, timeout=step, return_when=FIRST_COMPLETED)

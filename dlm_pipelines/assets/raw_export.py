@@ -25,6 +25,7 @@ from pydantic import Field
 from dlm_pipelines.catalog import Catalog, EventRecord, EventStatus
 from dlm_pipelines.dagster_runs import (
     ACCEPTING_TAG,
+    STOP_GRACE_SECONDS,
     WAITING_RUN_STATUSES,
     run_is_alive,
     stop_accepting,
@@ -113,6 +114,7 @@ def _linger(context: AssetExecutionContext, settings: Settings) -> Linger:
         max_seconds=settings.export_max_run_seconds,
         stop_accepting=stop,
         others_waiting=others_waiting,
+        grace_seconds=STOP_GRACE_SECONDS,
     )
 
 

@@ -30,8 +30,8 @@ from dlm_pipelines.catalog import Catalog, EventStatus, utcnow
 from dlm_pipelines.dagster_runs import (
     ACCEPTING_TAG,
     RUNNING_STATUSES,
+    TakingNewEvents,
     alive_runs,
-    partition_will_take_new_events,
     run_is_alive,
 )
 from dlm_pipelines.events import TimeWindow
@@ -86,6 +86,7 @@ def build_imaging_event_sensor(
         window = TimeWindow.around(settings.partition_start_date, now, settings.event_max_future)
         observations = _trim_alarm(context, streams, committed)
         intake = Intake(catalog=catalog, streams=streams, systems=systems)
+        taking = TakingNewEvents(context.instance)
         counts = Counter[str]()
 
         def take(entries: list[StreamEntry]) -> dict[str, list[tuple[str, str]]]:
@@ -121,7 +122,7 @@ def build_imaging_event_sensor(
                 # A busy partition gets a request every tick: its due retries ride along
                 # (a warm run takes only never-tried events; the request makes it yield).
                 retry = due.get(partition_key, [])
-                if partition_will_take_new_events(context.instance, partition_key) and not retry:
+                if partition_key in taking and not retry:
                     continue  # a queued run, or a warm one, takes every pending event
                 ref_ids = list(dict.fromkeys([*(ref_id for ref_id, _ in items), *retry]))
                 run_requests.append(
@@ -153,7 +154,13 @@ def build_imaging_event_sensor(
         run_requests = requests_for(batches, recovery.due)
         _fail_silent_runs(context, stale_after)
         run_requests += _sweep(
-            context, catalog, recovery, set(batches), partitions_def, since=now - sweep_after
+            context,
+            catalog,
+            recovery,
+            set(batches),
+            partitions_def,
+            taking,
+            since=now - sweep_after,
         )
 
         trimmed = trim_streams(
@@ -268,6 +275,7 @@ def _sweep(
     recovery: SweepReport,
     handled: set[str],
     partitions_def: MultiPartitionsDefinition,
+    taking: TakingNewEvents,
     *,
     since: datetime,
 ) -> list[RunRequest]:
@@ -285,7 +293,7 @@ def _sweep(
     for partition_key in dict.fromkeys(orphaned):
         if partition_key in handled or not partitions_def.has_partition_key(partition_key):
             continue
-        if partition_will_take_new_events(context.instance, partition_key):
+        if partition_key in taking:
             continue
         retry = recovery.due.get(partition_key, [])
         context.log.warning(
