@@ -222,28 +222,39 @@ def _bounded_int(text: str) -> int:
     return value
 
 
-def _check_values(doc: Any) -> None:
-    """Depth and string checks over the whole document, iteratively (no recursion)."""
+def _check_values(doc: dict[str, Any]) -> None:
+    """Depth and string checks over the whole document, iteratively (no recursion).
+    json.loads makes exact dicts, lists and strs, so `type() is` picks them."""
     stack: list[tuple[Any, int]] = [(doc, 1)]
     while stack:
         node, depth = stack.pop()
-        if depth > MAX_METADATA_DEPTH:
+        children = [*node.keys(), *node.values()] if type(node) is dict else node
+        if children and depth + 1 > MAX_METADATA_DEPTH:
             raise InvalidEvent(f"metadata: nested deeper than {MAX_METADATA_DEPTH} levels")
-        items: Iterable[Any] = ()
-        if isinstance(node, dict):
-            items = [*node.keys(), *node.values()]
-        elif isinstance(node, list):
-            items = node
-        elif isinstance(node, str):
-            # PostgreSQL stores neither NUL nor lone surrogates (UTF-16 halves).
-            if "\x00" in node or any("\ud800" <= c <= "\udfff" for c in node):
-                raise InvalidEvent("metadata: a string holds NUL or a lone surrogate")
-            continue
-        stack.extend((item, depth + 1) for item in items)
+        for child in children:
+            kind = type(child)
+            if kind is str:
+                # PostgreSQL stores neither NUL nor lone surrogates (UTF-16 halves),
+                # exactly the strings UTF-8 cannot encode (checked in C, not per char).
+                if "\x00" in child or not (child.isascii() or _encodable(child)):
+                    raise InvalidEvent("metadata: a string holds NUL or a lone surrogate")
+            elif kind is dict or kind is list:
+                stack.append((child, depth + 1))
 
 
-def _metadata_document(text: str) -> dict[str, Any]:
-    # The C scanner recurses per nesting level: count brackets before parsing.
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _deepest_nesting(text: str) -> int:
+    """How deep brackets nest in `text` (inside strings too); 0 when it holds too few
+    to pass the limit (counted in C, not walked)."""
+    if text.count("[") + text.count("{") <= MAX_METADATA_DEPTH * 4:
+        return 0  # cannot nest deeper than the limit below: no need to walk it
     depth = deepest = 0
     for char in text:
         if char in "[{":
@@ -251,7 +262,12 @@ def _metadata_document(text: str) -> dict[str, Any]:
             deepest = max(deepest, depth)
         elif char in "]}":
             depth -= 1
-    if deepest > MAX_METADATA_DEPTH * 4:  # brackets inside strings count too: be lenient
+    return deepest
+
+
+def _metadata_document(text: str) -> dict[str, Any]:
+    # The C scanner recurses per nesting level: count brackets before parsing.
+    if _deepest_nesting(text) > MAX_METADATA_DEPTH * 4:  # in strings too: be lenient
         raise InvalidEvent(f"metadata: nested deeper than {MAX_METADATA_DEPTH} levels")
     try:
         doc = json.loads(

@@ -142,3 +142,37 @@ def test_resolve_source_refuses_a_symlink_at_any_level(tmp_path, link_at: str) -
     link.symlink_to(tmp_path / "prince" / "Real" / link_at.removeprefix("Images").lstrip("/"))
     with pytest.raises(InvalidEvent, match="crosses a symlink"):
         resolve_source(tmp_path, "prince", "Images/a/b")
+
+
+def _with_extra(extra: object) -> dict[str, object]:
+    """STITCH with `extra` under an unknown metadata key (allowed, and checked)."""
+    metadata = json.loads(str(STITCH["metadata"]))
+    metadata["extra"] = extra
+    return {**STITCH, "metadata": json.dumps(metadata)}
+
+
+def _nested(levels: int, leaf: object) -> object:
+    for _ in range(levels):
+        leaf = [leaf]
+    return leaf
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        (_nested(30, "x"), None),  # the leaf at depth 32: the limit
+        (_nested(31, "x"), "nested deeper than 32 levels"),
+        (_nested(31, []), "nested deeper than 32 levels"),  # an empty list counts
+        ({"caf\u00e9 \u2603": ["na\u00efve", "\U0001f52c"]}, None),  # not ASCII, valid
+        ({"\ud800": 1}, "NUL or a lone surrogate"),  # in a key
+        (["ok", "a\udfffb"], "NUL or a lone surrogate"),
+        ({"k": "a\x00b"}, "NUL or a lone surrogate"),
+    ],
+)
+def test_metadata_depth_and_strings_are_checked_everywhere(extra: object, reason: str) -> None:
+    fields = _with_extra(extra)
+    if reason is None:
+        parse_imaging_event(fields, SYSTEMS)
+        return
+    with pytest.raises(InvalidEvent, match=reason):
+        parse_imaging_event(fields, SYSTEMS)
