@@ -6,7 +6,7 @@ instance first inspects the database for its tables. In this deployment that cos
 27 new sessions a second on an idle stack, each a forked PostgreSQL backend of a few ms of
 server CPU: the daemon's operations, and a code server's fresh instance at every sensor
 tick. `PooledPostgresStorage` is dagster-postgres's storage whose run, event-log and
-schedule storages share their process's pooled engine: a process keeps one idle session,
+schedule storages share their process's pooled engine: a process keeps two idle sessions,
 opens more only while its threads overlap, and checks for the tables once.
 
 Selected by `dagster.postgres.yaml`; the configuration is dagster-postgres's own.
@@ -18,7 +18,6 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any
 
-from dagster._core.storage.base_storage import DagsterStorage
 from dagster_postgres import DagsterPostgresStorage
 from dagster_postgres.event_log import PostgresEventLogStorage
 from dagster_postgres.run_storage import PostgresRunStorage
@@ -34,8 +33,9 @@ if TYPE_CHECKING:
     from dagster_postgres.auth import PgTokenProvider
     from sqlalchemy.engine import Engine
 
-# Sessions kept open per process, and how many more overlapping threads may open.
-POOL_SIZE = 1
+# Sessions kept open per process: two, since an event write checks an index on a second
+# connection while its transaction holds the first. Overlapping threads may open more.
+POOL_SIZE = 2
 MAX_OVERFLOW = 20
 # Renew a session after an hour; test it before each use, so that a PostgreSQL restart
 # costs a reconnect rather than a failed operation.
@@ -69,10 +69,10 @@ class PooledPostgresStorage(DagsterPostgresStorage):
         )
         for storage in (self._run_storage, self._event_log_storage, self._schedule_storage):
             storage._engine = engine  # in place of its NullPool engine, which holds nothing
-        DagsterStorage.__init__(self)
+        super(DagsterPostgresStorage, self).__init__()  # skips the parent: built above
 
     @classmethod
-    def from_config_value(  # type: ignore[override]
+    def from_config_value(
         cls, inst_data: ConfigurableClassData | None, config_value: Any
     ) -> PooledPostgresStorage:
         return cls(
@@ -83,7 +83,9 @@ class PooledPostgresStorage(DagsterPostgresStorage):
         )
 
 
-def process_engine(postgres_url: str, token_provider: PgTokenProvider | None) -> tuple[Engine, bool]:
+def process_engine(
+    postgres_url: str, token_provider: PgTokenProvider | None
+) -> tuple[Engine, bool]:
     """This process's engine for the URL, and whether this call created it."""
     key = (os.getpid(), postgres_url)
     with _engines_lock:

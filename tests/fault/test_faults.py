@@ -299,6 +299,26 @@ def test_catalog_postgres_stopped_for_30_s(
     report("PostgreSQL stopped 30 s", seconds, pipeline)
 
 
+def test_dagster_instance_postgres_restarted(private_postgres, tmp_path, monkeypatch) -> None:
+    """The instance's pooled sessions die with the server; the next operation reconnects."""
+    from dagster import AssetKey, AssetMaterialization, DagsterInstance
+
+    from dlm_pipelines.deployment import prepare_dagster_home
+
+    key = AssetKey("restart_probe")
+    monkeypatch.setenv("DLM_DAGSTER_POSTGRES_URL", private_postgres.url)
+    home = tmp_path / "home"
+    prepare_dagster_home(home, Path(__file__).resolve().parents[2], private_postgres.url)
+    with DagsterInstance.from_config(str(home)) as instance:
+        instance.report_runless_asset_event(AssetMaterialization(key, metadata={"n": 1}))
+        private_postgres.stop()
+        private_postgres.start()
+        instance.report_runless_asset_event(AssetMaterialization(key, metadata={"n": 2}))
+        latest = instance.get_latest_materialization_event(key)
+    assert latest is not None and latest.asset_materialization is not None
+    assert latest.asset_materialization.metadata["n"].value == 2
+
+
 KILLED_EXPORT = """
 import sys
 from dagster import materialize, DagsterInstance
