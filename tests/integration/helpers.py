@@ -13,6 +13,7 @@ import tarfile
 import threading
 import urllib.parse
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -149,6 +150,16 @@ CONDITIONAL_HEADERS = ("If-None-Match", "If-Match")
 # Headers about one connection, not the request. `Expect: 100-continue` is answered by
 # the proxy itself (it has the whole body before it forwards); botocore never signs it.
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "upgrade", "expect"}
+
+
+@contextlib.contextmanager
+def hooked(client: Any, event: str, handler: Any) -> Iterator[None]:
+    """`handler` on a boto3 client's `event` for the block (botocore's event hooks)."""
+    client.meta.events.register(event, handler)
+    try:
+        yield
+    finally:
+        client.meta.events.unregister(event, handler)
 
 
 class NoConditionalWrites(ThreadingHTTPServer):

@@ -27,7 +27,7 @@ from dlm_pipelines.purge_policy import Why
 from dlm_pipelines.purger import CHANGED_LOCALLY, CONTAINS_OTHERS, UNSAFE_SOURCE
 from dlm_pipelines.resources import ObjectStore
 from dlm_pipelines.resources.object_store import VerificationError
-from tests.integration.helpers import NoConditionalWrites, untar
+from tests.integration.helpers import NoConditionalWrites, hooked, untar
 from tests.integration.test_api import AUTH, api_settings
 from tests.integration.test_purge import YOUNG, Lab
 from tests.integration.test_tar_stream import leftovers
@@ -168,13 +168,8 @@ def test_a_writer_between_upload_and_copy_is_never_described_by_our_sha256(lab) 
         writer.put_object(Bucket=params["Bucket"], Key=params["Key"], Body=theirs)
 
     # after our upload completed, before the copy that stamps its sha256
-    hook = "provide-client-params.s3.CopyObject"
-    events = lab.store.client.meta.events
-    events.register(hook, write_before_copy)
-    try:
+    with hooked(lab.store.client, "provide-client-params.s3.CopyObject", write_before_copy):
         outcome = lab.exporter().export(record, force=False)
-    finally:
-        events.unregister(hook, write_before_copy)
 
     assert not outcome.exported and outcome.error and "PreconditionFailed" in outcome.error
     after = lab.get(record.ref_id)
@@ -198,12 +193,8 @@ def test_a_key_taken_before_completion_is_not_overwritten(lab) -> None:
 
     # after the exporter chose the key, before its upload completes
     hook = "provide-client-params.s3.CompleteMultipartUpload"
-    events = lab.store.client.meta.events
-    events.register(hook, write_before_complete)
-    try:
+    with hooked(lab.store.client, hook, write_before_complete):
         outcome = lab.exporter().export(record, force=False)
-    finally:
-        events.unregister(hook, write_before_complete)
 
     # The completion was refused; the export moved to the collision-free key.
     assert outcome.exported and outcome.key and taken and outcome.key != taken[0]
@@ -376,12 +367,8 @@ def test_fallback_checks_the_key_just_before_the_write_and_sends_the_tar_once(
     def record(model: Any, **_: Any) -> None:
         calls.append(model.name)
 
-    events = no_conditions.client.meta.events
-    events.register("before-call.s3", record)
-    try:
+    with hooked(no_conditions.client, "before-call.s3", record):
         upload_through(no_conditions, tmp_path, files, "images/exp/20260101/000003.tar", NEW)
-    finally:
-        events.unregister("before-call.s3", record)
 
     assert refused_writes(proxy, "If-None-Match", files) == 1
     if files is ONE_PART:

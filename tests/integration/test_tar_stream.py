@@ -14,6 +14,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from dlm_pipelines.tar_stream import upload_tar, write_tar
+from tests.integration.helpers import hooked
 
 pytestmark = pytest.mark.integration
 
@@ -187,16 +188,13 @@ def test_a_one_part_tar_goes_up_as_one_put_with_its_sha256(object_store, tmp_pat
         calls.append(model.name)
         requests.append(params)
 
-    object_store.client.meta.events.register("before-call.s3", record)
-    try:
+    with hooked(object_store.client, "before-call.s3", record):
         result = object_store.upload_tar(
             source=source,
             metadata={"ref_id": "r4", "timestamp": "2026-01-01T00:00:04+00:00"},
             key=key,
             ref_id="r4",
         )
-    finally:
-        object_store.client.meta.events.unregister("before-call.s3", record)
 
     assert calls == ["PutObject"] and result.sha256_in_metadata
     assert requests[0]["headers"]["x-amz-checksum-sha256"]
