@@ -51,6 +51,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from bench.catalog_load import bulk_load
 from dlm_pipelines.catalog import get_engine
 from dlm_pipelines.settings import get_settings
 
@@ -123,20 +124,10 @@ def drop_database(url: str) -> None:
 
 
 def load_events(url: str, n: int, run_ids: list[str]) -> None:
-    from dlm_pipelines.catalog import migrate
-
-    migrate(url)
-    engine = get_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text("SET LOCAL synchronous_commit = off"))
-        conn.execute(
-            sa.text(LOAD_SQL).bindparams(
-                sa.bindparam("runs", type_=sa.ARRAY(sa.String)), sa.bindparam("n", type_=sa.Integer)
-            ),
-            {"bucket": BUCKET, "n": n, "runs": run_ids},
-        )
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(sa.text("VACUUM ANALYZE imaging_event"))
+    statement = sa.text(LOAD_SQL).bindparams(
+        sa.bindparam("runs", type_=sa.ARRAY(sa.String)), sa.bindparam("n", type_=sa.Integer)
+    )
+    bulk_load(url, statement, {"bucket": BUCKET, "n": n, "runs": run_ids})
 
 
 def sample_ref_ids(url: str, k: int) -> list[str]:

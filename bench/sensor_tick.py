@@ -46,6 +46,7 @@ import redis
 import sqlalchemy as sa
 from dagster import DagsterRunStatus, SensorResult, build_sensor_context, instance_for_test
 
+from bench.catalog_load import bulk_load, vacuum
 from dlm_pipelines.catalog import Catalog, get_engine, migrate
 from dlm_pipelines.definitions import build_definitions
 from dlm_pipelines.settings import Settings
@@ -139,24 +140,12 @@ WHERE status = 'received'
 
 
 def load_catalog(url: str, n: int, run_ids: list[str]) -> None:
-    migrate(url)
-    engine = get_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text("SET LOCAL synchronous_commit = off"))
-        conn.execute(
-            sa.text(LOAD_SQL).bindparams(
-                sa.bindparam("runs", type_=sa.ARRAY(sa.String)),
-                sa.bindparam("n", type_=sa.Integer),
-                sa.bindparam("claimed", type_=sa.Integer),
-            ),
-            {"n": n, "runs": run_ids, "claimed": CLAIMED},
-        )
-    vacuum(url)
-
-
-def vacuum(url: str) -> None:
-    with get_engine(url).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(sa.text("VACUUM ANALYZE imaging_event"))
+    statement = sa.text(LOAD_SQL).bindparams(
+        sa.bindparam("runs", type_=sa.ARRAY(sa.String)),
+        sa.bindparam("n", type_=sa.Integer),
+        sa.bindparam("claimed", type_=sa.Integer),
+    )
+    bulk_load(url, statement, {"n": n, "runs": run_ids, "claimed": CLAIMED})
 
 
 def live_runs(instance: Any, defs: Any, partition_keys: list[str]) -> list[str]:
