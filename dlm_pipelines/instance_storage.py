@@ -57,16 +57,23 @@ class PooledPostgresStorage(DagsterPostgresStorage):
         self.postgres_url = postgres_url
         self.should_autocreate_tables = should_autocreate_tables
         self._inst_data = inst_data
-        engine, first_in_process = process_engine(postgres_url, token_provider)
-        # Only a process's first instance looks for missing tables (and creates them).
-        create = should_autocreate_tables and first_in_process
-        self._run_storage = PostgresRunStorage(postgres_url, create, token_provider=token_provider)
-        self._event_log_storage = PostgresEventLogStorage(
-            postgres_url, create, token_provider=token_provider
-        )
-        self._schedule_storage = PostgresScheduleStorage(
-            postgres_url, create, token_provider=token_provider
-        )
+        key = (os.getpid(), postgres_url)
+        with _engines_lock:
+            engine = _engines.get(key)
+            # Only a process's first instance looks for missing tables (and creates
+            # them); the lock holds the others until it has. If it fails, the next tries.
+            create = should_autocreate_tables and engine is None
+            self._run_storage = PostgresRunStorage(
+                postgres_url, create, token_provider=token_provider
+            )
+            self._event_log_storage = PostgresEventLogStorage(
+                postgres_url, create, token_provider=token_provider
+            )
+            self._schedule_storage = PostgresScheduleStorage(
+                postgres_url, create, token_provider=token_provider
+            )
+            if engine is None:
+                engine = _engines[key] = pooled_engine(postgres_url, token_provider)
         for storage in (self._run_storage, self._event_log_storage, self._schedule_storage):
             storage._engine = engine  # in place of its NullPool engine, which holds nothing
         super(DagsterPostgresStorage, self).__init__()  # skips the parent: built above
@@ -83,21 +90,13 @@ class PooledPostgresStorage(DagsterPostgresStorage):
         )
 
 
-def process_engine(
-    postgres_url: str, token_provider: PgTokenProvider | None
-) -> tuple[Engine, bool]:
-    """This process's engine for the URL, and whether this call created it."""
-    key = (os.getpid(), postgres_url)
-    with _engines_lock:
-        if key in _engines:
-            return _engines[key], False
-        engine = _engines[key] = create_pg_engine(
-            postgres_url,
-            token_provider,
-            isolation_level="AUTOCOMMIT",  # as dagster-postgres: every statement commits
-            pool_size=POOL_SIZE,
-            max_overflow=MAX_OVERFLOW,
-            pool_recycle=POOL_RECYCLE_SECONDS,
-            pool_pre_ping=True,
-        )
-        return engine, True
+def pooled_engine(postgres_url: str, token_provider: PgTokenProvider | None) -> Engine:
+    return create_pg_engine(
+        postgres_url,
+        token_provider,
+        isolation_level="AUTOCOMMIT",  # as dagster-postgres: every statement commits
+        pool_size=POOL_SIZE,
+        max_overflow=MAX_OVERFLOW,
+        pool_recycle=POOL_RECYCLE_SECONDS,
+        pool_pre_ping=True,
+    )
