@@ -301,15 +301,12 @@ def test_catalog_postgres_stopped_for_30_s(
 
 def test_dagster_instance_postgres_restarted(private_postgres, tmp_path, monkeypatch) -> None:
     """The instance's pooled sessions die with the server; the next operation reconnects."""
-    from dagster import AssetKey, AssetMaterialization, DagsterInstance
+    from dagster import AssetKey, AssetMaterialization
 
-    from dlm_pipelines.deployment import prepare_dagster_home
+    from tests.integration.test_instance_storage import postgres_instance
 
     key = AssetKey("restart_probe")
-    monkeypatch.setenv("DLM_DAGSTER_POSTGRES_URL", private_postgres.url)
-    home = tmp_path / "home"
-    prepare_dagster_home(home, Path(__file__).resolve().parents[2], private_postgres.url)
-    with DagsterInstance.from_config(str(home)) as instance:
+    with postgres_instance(tmp_path / "home", private_postgres.url, monkeypatch) as instance:
         instance.report_runless_asset_event(AssetMaterialization(key, metadata={"n": 1}))
         private_postgres.stop()
         private_postgres.start()
